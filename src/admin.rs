@@ -1,0 +1,362 @@
+//! Administration commands: networks, passphrases, nodes. Tables for people,
+//! `--json` for scripts; errors name the store URL and the cause.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use registrar::crypto::passphrase;
+use registrar::datadir::DataDir;
+use registrar::server::now_ms;
+use registrar::store::{AnyStore, NewPassphrase, Node, Store};
+use registrar::wire::ijam::{NetworkId, Passphrase};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::Common;
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// Create a network; its nodes will be owned by USER.
+    Create {
+        /// Network id as nodes send it: 1–16 printable ASCII characters, no spaces.
+        network: String,
+        /// The owner of every node registered in this network.
+        #[arg(long)]
+        owner: String,
+        /// A human-readable name (defaults to the id).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List networks with their pending passphrases and node counts.
+    List,
+    /// Show one network.
+    Show { network: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PassphraseCommand {
+    /// Mint one-time passphrases and print them on stdout, one per line.
+    ///
+    /// Generated passphrases are 16 letters and digits whose last two are a check
+    /// value the listener verifies before any lookup. A typed one (--passphrase) may be
+    /// 1–16 letters or digits; a typed 16-character one must carry a valid check value.
+    Add {
+        network: String,
+        /// Name of the node that will register with it (with --count: NAME-1 … NAME-N).
+        #[arg(long)]
+        node_name: String,
+        /// Use this passphrase instead of generating one.
+        #[arg(long, conflicts_with = "count")]
+        passphrase: Option<String>,
+        /// Unused passphrases stop working after this long (e.g. 7d, 12h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        /// Mint N passphrases at once, for nodes NAME-1 … NAME-N.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: Option<u32>,
+    },
+    /// List pending passphrases: node names and expiry, never the secrets.
+    List { network: String },
+    /// Revoke the pending passphrase of a node.
+    Revoke {
+        network: String,
+        #[arg(long)]
+        node_name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List registered nodes.
+    List {
+        /// Only the nodes of this network.
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Show one node.
+    Show { id: Uuid },
+    /// Revoke a node: its state requests are refused from now on, and a registration
+    /// naming its id gets a fresh one.
+    Revoke { id: Uuid },
+}
+
+async fn open_store(common: &Common) -> Result<(DataDir, AnyStore)> {
+    let data = DataDir::open(&common.data_dir)?;
+    let store = AnyStore::open(&common.store, &data.sqlite_path()).await?;
+    Ok((data, store))
+}
+
+fn network_id(s: &str) -> Result<NetworkId> {
+    NetworkId::new(s).map_err(|e| {
+        anyhow!("invalid network id {s:?} ({e}): use 1–16 printable ASCII characters, no spaces")
+    })
+}
+
+fn time(ms: i64) -> String {
+    if ms <= 0 {
+        return "-".into();
+    }
+    let t = UNIX_EPOCH + Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Left-aligned columns, two spaces apart.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub async fn network(common: &Common, cmd: NetworkCommand) -> Result<()> {
+    let (_, store) = open_store(common).await?;
+    match cmd {
+        NetworkCommand::Create {
+            network,
+            owner,
+            name,
+        } => {
+            let id = network_id(&network)?;
+            if owner.trim().is_empty() {
+                bail!("--owner must not be empty");
+            }
+            let name = name.unwrap_or_else(|| id.to_string());
+            let net = store
+                .create_network(id.as_str(), &owner, &name, now_ms())
+                .await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&net)?);
+            } else {
+                println!(
+                    "created network {} (owner {}, name {:?})",
+                    net.id, net.owner, net.name
+                );
+            }
+        }
+        NetworkCommand::List => {
+            let nets = store.networks().await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&nets)?);
+            } else {
+                let rows: Vec<Vec<String>> = nets
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.id.clone(),
+                            n.owner.clone(),
+                            n.name.clone(),
+                            n.pending_passphrases.to_string(),
+                            n.nodes.to_string(),
+                            time(n.created_ms),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["NETWORK", "OWNER", "NAME", "PENDING", "NODES", "CREATED"],
+                    &rows,
+                );
+            }
+        }
+        NetworkCommand::Show { network } => {
+            let net = store
+                .network(&network)
+                .await?
+                .ok_or_else(|| anyhow!("network {network:?} does not exist"))?;
+            if common.json {
+                println!("{}", serde_json::to_string(&net)?);
+            } else {
+                println!("network:             {}", net.id);
+                println!("owner:               {}", net.owner);
+                println!("name:                {}", net.name);
+                println!("created:             {}", time(net.created_ms));
+                println!("pending passphrases: {}", net.pending_passphrases);
+                println!("nodes:               {}", net.nodes);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn passphrase(common: &Common, cmd: PassphraseCommand) -> Result<()> {
+    let (data, store) = open_store(common).await?;
+    match cmd {
+        PassphraseCommand::Add {
+            network,
+            node_name,
+            passphrase: typed,
+            expires_in,
+            count,
+        } => {
+            let id = network_id(&network)?;
+            if node_name.trim().is_empty() {
+                bail!("--node-name must not be empty");
+            }
+            let now = now_ms();
+            let expires_ms = expires_in.map(|d| now + d.as_millis() as i64);
+            let minted: Vec<(String, Passphrase)> = match (typed, count) {
+                (Some(p), _) => {
+                    let p = Passphrase::new(&p).map_err(|e| {
+                        anyhow!("invalid passphrase ({e}): use 1–16 ASCII letters or digits")
+                    })?;
+                    if !passphrase::check_value_ok(p.expose()) {
+                        bail!(
+                            "a 16-character passphrase must end in a valid check value; \
+                             type at most 15 characters, or omit --passphrase to generate one"
+                        );
+                    }
+                    vec![(node_name, p)]
+                }
+                (None, None) => vec![(node_name, passphrase::generate()?)],
+                (None, Some(n)) => (1..=n)
+                    .map(|i| Ok((format!("{node_name}-{i}"), passphrase::generate()?)))
+                    .collect::<Result<_>>()?,
+            };
+            let storage = data.storage_key()?;
+            let batch = minted
+                .iter()
+                .map(|(name, p)| NewPassphrase {
+                    hash: storage.passphrase_hash(id.as_str(), p.expose()),
+                    node_name: name.clone(),
+                    expires_ms,
+                })
+                .collect();
+            store.add_passphrases(id.as_str(), batch, now).await?;
+            if common.json {
+                let items: Vec<_> = minted
+                    .iter()
+                    .map(|(name, p)| {
+                        json!({"network": id.as_str(), "node_name": name, "passphrase": p.expose(), "expires_ms": expires_ms})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&items)?);
+            } else {
+                for (_, p) in &minted {
+                    println!("{}", p.expose());
+                }
+            }
+        }
+        PassphraseCommand::List { network } => {
+            let pending = store.passphrases(&network).await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&pending)?);
+            } else {
+                let now = now_ms();
+                let rows: Vec<Vec<String>> = pending
+                    .iter()
+                    .map(|p| {
+                        let expiry = match p.expires_ms {
+                            None => "never".to_string(),
+                            Some(ms) if ms <= now => format!("{} (expired)", time(ms)),
+                            Some(ms) => time(ms),
+                        };
+                        vec![p.node_name.clone(), time(p.created_ms), expiry]
+                    })
+                    .collect();
+                print_table(&["NODE NAME", "CREATED", "EXPIRES"], &rows);
+            }
+        }
+        PassphraseCommand::Revoke { network, node_name } => {
+            store.revoke_passphrase(&network, &node_name).await?;
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"network": network, "node_name": node_name, "revoked": true})
+                );
+            } else {
+                println!(
+                    "revoked the pending passphrase of node {node_name:?} in network {network}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn node_json(n: &Node) -> serde_json::Value {
+    serde_json::to_value(n).expect("nodes serialise")
+}
+
+pub async fn node(common: &Common, cmd: NodeCommand) -> Result<()> {
+    let (_, store) = open_store(common).await?;
+    match cmd {
+        NodeCommand::List { network } => {
+            let nodes = store.nodes(network.as_deref()).await?;
+            if common.json {
+                let items: Vec<_> = nodes.iter().map(node_json).collect();
+                println!("{}", serde_json::to_string(&items)?);
+            } else {
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.id.to_string(),
+                            n.network.clone(),
+                            n.name.clone(),
+                            n.node_type.clone(),
+                            n.arch.clone(),
+                            n.status.as_str().to_string(),
+                            time(n.registered_ms),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "NODE",
+                        "NETWORK",
+                        "NAME",
+                        "TYPE",
+                        "ARCH",
+                        "STATUS",
+                        "REGISTERED",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        NodeCommand::Show { id } => {
+            let n = store
+                .node(id)
+                .await?
+                .with_context(|| format!("node {id} does not exist"))?;
+            if common.json {
+                println!("{}", node_json(&n));
+            } else {
+                println!("node:        {}", n.id);
+                println!("network:     {}", n.network);
+                println!("owner:       {}", n.owner);
+                println!("name:        {}", n.name);
+                println!("type:        {}", n.node_type);
+                println!("arch:        {}", n.arch);
+                println!("status:      {}", n.status.as_str());
+                println!("ip:          {}", if n.ip.is_empty() { "-" } else { &n.ip });
+                println!("created:     {}", time(n.created_ms));
+                println!("registered:  {}", time(n.registered_ms));
+                println!("last online: {}", time(n.online_ms));
+            }
+        }
+        NodeCommand::Revoke { id } => {
+            store.revoke_node(id).await?;
+            if common.json {
+                println!("{}", json!({"node": id, "revoked": true}));
+            } else {
+                println!("revoked node {id}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! The data directory: the RSA key, the storage key and the embedded store.
+//!
+//! ```text
+//! <data-dir>/rsa_private_key.pem   PKCS#8 PEM, mode 0600, made on first `serve`
+//! <data-dir>/storage.key           32 random bytes as hex, mode 0600, made on first use
+//! <data-dir>/registrar.sqlite      the embedded store (+ -wal, -shm)
+//! ```
+//! Listeners sharing one Redis must share the two key files as well.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::crypto::{self, CryptoError, RsaKey, StorageKey};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: {source}")]
+    Key { path: PathBuf, source: CryptoError },
+    #[error("{path}: expected 64 hex characters")]
+    StorageKeyFormat { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+/// Whether a key was found or made on this start (the first start prints a guide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    Loaded,
+    Generated,
+}
+
+impl DataDir {
+    pub fn open(root: &Path) -> Result<Self, DataDirError> {
+        fs::create_dir_all(root).map_err(|source| DataDirError::Io {
+            path: root.into(),
+            source,
+        })?;
+        Ok(DataDir {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn rsa_key_path(&self) -> PathBuf {
+        self.root.join("rsa_private_key.pem")
+    }
+
+    pub fn storage_key_path(&self) -> PathBuf {
+        self.root.join("storage.key")
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.root.join("registrar.sqlite")
+    }
+
+    /// Loads the RSA key, or generates one of `bits` if there is none yet.
+    pub fn rsa_key(&self, bits: usize) -> Result<(RsaKey, KeyOrigin), DataDirError> {
+        let path = self.rsa_key_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let key = RsaKey::from_pkcs8_pem(&text).map_err(|source| DataDirError::Key {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok((key, KeyOrigin::Loaded))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let key = RsaKey::generate(bits).map_err(|source| DataDirError::Key {
+                    path: path.clone(),
+                    source,
+                })?;
+                write_secret(&path, key.private_pem().as_bytes())?;
+                Ok((key, KeyOrigin::Generated))
+            }
+            Err(source) => Err(DataDirError::Io { path, source }),
+        }
+    }
+
+    /// Loads the storage key, or makes one on first use (by `serve` or an admin command).
+    pub fn storage_key(&self) -> Result<StorageKey, DataDirError> {
+        let path = self.storage_key_path();
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let bytes: [u8; StorageKey::LEN] = hex::decode(text.trim())
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or(DataDirError::StorageKeyFormat { path: path.clone() })?;
+                Ok(StorageKey::from_bytes(&bytes))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let bytes: [u8; StorageKey::LEN] =
+                    crypto::random().map_err(|source| DataDirError::Key {
+                        path: path.clone(),
+                        source,
+                    })?;
+                match write_secret(&path, format!("{}\n", hex::encode(bytes)).as_bytes()) {
+                    Ok(()) => Ok(StorageKey::from_bytes(&bytes)),
+                    // Another process (serve and an admin command) made it first: use theirs.
+                    Err(DataDirError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::AlreadyExists =>
+                    {
+                        self.storage_key()
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(source) => Err(DataDirError::Io { path, source }),
+        }
+    }
+}
+
+/// Creates `path` with mode 0600, failing if it exists, and fsyncs it.
+fn write_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+    let io_err = |source| DataDirError::Io {
+        path: path.into(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err)?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(io_err)?;
+    file.write_all(contents).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    // hard_link fails if `path` exists, so two racing writers never both win.
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    linked.map_err(io_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_made_once_with_mode_0600_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = DataDir::open(dir.path()).unwrap();
+        let (key, origin) = data.rsa_key(2048).unwrap();
+        assert_eq!(origin, KeyOrigin::Generated);
+        let mode = fs::metadata(data.rsa_key_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, origin) = data.rsa_key(4096).unwrap();
+        assert_eq!(origin, KeyOrigin::Loaded);
+        assert_eq!(again.public_pem(), key.public_pem());
+        assert_eq!(again.bits(), 2048);
+
+        let s1 = data.storage_key().unwrap();
+        let mode = fs::metadata(data.storage_key_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let s2 = data.storage_key().unwrap();
+        assert_eq!(s1.passphrase_hash("n", "p"), s2.passphrase_hash("n", "p"));
+    }
+}

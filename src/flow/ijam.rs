@@ -1,0 +1,273 @@
+//! The ijam business rules (DESIGN.md "Semantics"): validate → one atomic store call
+//! → reply. Transport-agnostic; time and randomness come in as arguments.
+//!
+//! Error replies are uniform by class, so a reply tells an attacker nothing beyond
+//! it: every decryption or parse failure reads `400 "request"`; an unknown network,
+//! a wrong, used, expired or badly checked passphrase all read
+//! `401 "Invalid passphrase."`. [`IjamError::reply`] is the one place that maps
+//! errors to wire status codes.
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+use crate::crypto::{self, CryptoError, MAX_MODULUS_LEN, RsaKey, StorageKey, passphrase};
+use crate::store::{NodeStatus, RegisterOp, RegisterOutcome, Store, StoreError, TransitionOutcome};
+use crate::wire::DecodeError;
+use crate::wire::ijam::{
+    self, RawStateRequest, RegisterRequest, STATE_REQUEST_LEN, StateCode, Status,
+};
+
+/// How long a byte-identical retry gets the same node id back.
+pub const DEFAULT_REPLAY_TTL_MS: i64 = 10 * 60 * 1000;
+
+/// Why a request failed; each variant is one reply class.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IjamError {
+    #[error("undecryptable ciphertext")]
+    Undecryptable,
+    #[error("malformed request: {0}")]
+    Malformed(#[from] DecodeError),
+    #[error("invalid passphrase or unknown network")]
+    InvalidPassphrase,
+    #[error("unknown node")]
+    UnknownNode,
+    #[error("node is revoked")]
+    Revoked,
+    #[error("transition from {from} to {to} not allowed")]
+    TransitionNotAllowed {
+        from: &'static str,
+        to: &'static str,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("crypto: {0}")]
+    Crypto(CryptoError),
+    #[error("overloaded: crypto queue full")]
+    Overloaded,
+    #[error("rate limited")]
+    RateLimited,
+}
+
+pub const REASON_REQUEST: &str = "request";
+pub const REASON_INVALID_PASSPHRASE: &str = "Invalid passphrase.";
+pub const REASON_UNAVAILABLE: &str = "Service unavailable.";
+pub const REASON_BUSY: &str = "Server busy.";
+pub const REASON_RATE_LIMITED: &str = "Too many requests.";
+
+impl IjamError {
+    /// The wire status and reason of this failure: the single mapping point.
+    pub fn status_and_reason(&self) -> (Status, &'static str) {
+        match self {
+            IjamError::Undecryptable | IjamError::Malformed(_) => {
+                (Status::BAD_REQUEST, REASON_REQUEST)
+            }
+            IjamError::InvalidPassphrase => (Status::UNAUTHORIZED, REASON_INVALID_PASSPHRASE),
+            IjamError::UnknownNode => (Status::NOT_FOUND, "Node not found."),
+            IjamError::Revoked | IjamError::TransitionNotAllowed { .. } => {
+                (Status::FORBIDDEN, "Transition not allowed.")
+            }
+            IjamError::Store(_) | IjamError::Crypto(_) => {
+                (Status::SERVICE_UNAVAILABLE, REASON_UNAVAILABLE)
+            }
+            IjamError::Overloaded => (Status::SERVICE_UNAVAILABLE, REASON_BUSY),
+            IjamError::RateLimited => (Status::TOO_MANY_REQUESTS, REASON_RATE_LIMITED),
+        }
+    }
+
+    /// A registration-port error reply: status ‖ reason.
+    pub fn register_reply(&self) -> Vec<u8> {
+        let (status, reason) = self.status_and_reason();
+        ijam::error_reply(status, reason)
+    }
+
+    /// A state-port reply: the status alone.
+    pub fn state_reply(&self) -> [u8; 2] {
+        ijam::state_reply(self.status_and_reason().0)
+    }
+
+    /// A short word for the request log.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            IjamError::Undecryptable => "undecryptable",
+            IjamError::Malformed(_) => "malformed",
+            IjamError::InvalidPassphrase => "invalid_passphrase",
+            IjamError::UnknownNode => "unknown_node",
+            IjamError::Revoked => "revoked",
+            IjamError::TransitionNotAllowed { .. } => "transition_not_allowed",
+            IjamError::Store(_) => "store_unavailable",
+            IjamError::Crypto(_) => "crypto_error",
+            IjamError::Overloaded => "shed",
+            IjamError::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// What a successful registration did, for the request log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registered {
+    Created(Uuid),
+    Reregistered(Uuid),
+    Replayed(Uuid),
+}
+
+impl Registered {
+    pub fn node_id(self) -> Uuid {
+        match self {
+            Registered::Created(id) | Registered::Reregistered(id) | Registered::Replayed(id) => id,
+        }
+    }
+
+    pub fn outcome(self) -> &'static str {
+        match self {
+            Registered::Created(_) => "created",
+            Registered::Reregistered(_) => "reregistered",
+            Registered::Replayed(_) => "replayed",
+        }
+    }
+}
+
+/// Randomness a registration consumes, drawn by the caller.
+#[derive(Debug, Clone, Copy)]
+pub struct RegisterRandomness {
+    pub fresh_id: Uuid,
+    pub iv: [u8; 16],
+}
+
+impl RegisterRandomness {
+    pub fn from_os() -> Result<Self, CryptoError> {
+        Ok(RegisterRandomness {
+            fresh_id: crypto::random_uuid()?,
+            iv: crypto::random()?,
+        })
+    }
+}
+
+pub struct IjamFlow<S> {
+    rsa: RsaKey,
+    storage: StorageKey,
+    store: Arc<S>,
+    replay_ttl_ms: i64,
+}
+
+impl<S: Store> IjamFlow<S> {
+    pub fn new(rsa: RsaKey, storage: StorageKey, store: Arc<S>, replay_ttl_ms: i64) -> Self {
+        IjamFlow {
+            rsa,
+            storage,
+            store,
+            replay_ttl_ms,
+        }
+    }
+
+    pub fn rsa(&self) -> &RsaKey {
+        &self.rsa
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// The certificate reply: the PEM public key, NUL-padded to at least 800 bytes.
+    pub fn certificate_reply(&self) -> Vec<u8> {
+        let mut reply = self.rsa.public_pem().as_bytes().to_vec();
+        if reply.len() < ijam::CERT_REPLY_MIN_LEN {
+            reply.resize(ijam::CERT_REPLY_MIN_LEN, 0);
+        }
+        reply
+    }
+
+    /// The expensive, store-free half of a registration: RSA-OAEP decryption, parse,
+    /// and the passphrase check value. Runs on the crypto pool.
+    pub fn open_request(&self, ciphertext: &[u8]) -> Result<RegisterRequest, IjamError> {
+        let mut buf = [0u8; MAX_MODULUS_LEN];
+        let plain = self
+            .rsa
+            .decrypt(ciphertext, &mut buf)
+            .map_err(|_| IjamError::Undecryptable)?;
+        let request = RegisterRequest::parse(plain)?;
+        buf.fill(0);
+        if !passphrase::check_value_ok(request.passphrase.expose()) {
+            return Err(IjamError::InvalidPassphrase);
+        }
+        Ok(request)
+    }
+
+    /// The store half: one atomic call, then the 50-byte reply.
+    pub async fn register(
+        &self,
+        request: &RegisterRequest,
+        now_ms: i64,
+        rand: RegisterRandomness,
+    ) -> Result<(Registered, [u8; ijam::REGISTER_REPLY_LEN]), IjamError> {
+        let network = request.network_id.as_str();
+        let op = RegisterOp {
+            network: network.to_owned(),
+            passphrase: self
+                .storage
+                .passphrase_hash(network, request.passphrase.expose()),
+            replay_key: self.storage.replay_key(request),
+            replay_ttl_ms: self.replay_ttl_ms,
+            requested_id: request.node_id,
+            fresh_id: rand.fresh_id,
+            sealed_key: self
+                .storage
+                .seal_node_key(&request.node_key)
+                .map_err(IjamError::Crypto)?,
+            node_type: request.node_type.as_str(),
+            arch: request.node_arch.as_str(),
+            now_ms,
+        };
+        let registered = match self.store.register(op).await? {
+            RegisterOutcome::Created { node_id } => Registered::Created(node_id),
+            RegisterOutcome::Reregistered { node_id } => Registered::Reregistered(node_id),
+            RegisterOutcome::Replayed { node_id } => Registered::Replayed(node_id),
+            RegisterOutcome::InvalidPassphrase => return Err(IjamError::InvalidPassphrase),
+        };
+        let mut body = ijam::register_reply_plaintext(registered.node_id());
+        crypto::aes_cbc_encrypt(&request.node_key, rand.iv, &mut body);
+        Ok((registered, ijam::register_reply(rand.iv, body)))
+    }
+
+    /// A state request: node id in clear → its key → decrypt → one atomic transition.
+    pub async fn change_state(
+        &self,
+        frame: &[u8],
+        peer_ip: &str,
+        now_ms: i64,
+    ) -> Result<(Uuid, StateCode), IjamError> {
+        use zerocopy::FromBytes;
+        let raw = RawStateRequest::ref_from_bytes(frame).map_err(|_| {
+            IjamError::Malformed(DecodeError::Length {
+                expected: STATE_REQUEST_LEN,
+                got: frame.len(),
+            })
+        })?;
+        let id = Uuid::from_bytes(raw.node_id);
+        let node = self.store.node(id).await?.ok_or(IjamError::UnknownNode)?;
+        if node.status == NodeStatus::Revoked {
+            return Err(IjamError::Revoked);
+        }
+        let key = self
+            .storage
+            .open_node_key(&node.sealed_key)
+            .map_err(IjamError::Crypto)?;
+        let mut block = raw.body;
+        crypto::aes_cbc_decrypt(&key, raw.iv, &mut block);
+        let code = StateCode::parse_plaintext(&block)?;
+        let target = match code {
+            StateCode::Offline => NodeStatus::Offline,
+            StateCode::Loading => NodeStatus::Loading,
+            StateCode::Online => NodeStatus::Online,
+        };
+        match self.store.transition(id, target, peer_ip, now_ms).await? {
+            TransitionOutcome::Changed { .. } => Ok((id, code)),
+            TransitionOutcome::NotAllowed { from } => Err(IjamError::TransitionNotAllowed {
+                from: from.as_str(),
+                to: target.as_str(),
+            }),
+            TransitionOutcome::UnknownNode => Err(IjamError::UnknownNode),
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! One module per flow: validate → one atomic store call → reply. No sockets here.
+
+pub mod ijam;

@@ -1,0 +1,14 @@
+//! Registrar: a device-registration listener.
+//!
+//! Layers, top to bottom (see `ARCHITECTURE.md`, and `../shared/DESIGN.md`):
+//! `server` (tokio sockets, admission) → `codec` (tokio-util framing) → `wire`
+//! (sans-I/O frames) → `flow` (business rules) → `crypto` and `store` (core).
+//! Nothing calls upward.
+
+pub mod codec;
+pub mod crypto;
+pub mod datadir;
+pub mod flow;
+pub mod server;
+pub mod store;
+pub mod wire;

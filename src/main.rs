@@ -1,0 +1,221 @@
+//! `registrar`: the listener (`serve`) and its administration commands, one binary
+//! sharing `--data-dir` and `--store`, so admin commands work while a listener runs.
+
+mod admin;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::builder::TypedValueParser;
+use clap::{Args, Parser, Subcommand};
+use registrar::datadir::{DataDir, KeyOrigin};
+use registrar::flow::ijam::IjamFlow;
+use registrar::server::pool::CryptoPool;
+use registrar::server::{IjamServer, IjamSockets, ServerConfig};
+use registrar::store::{AnyStore, Store};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Registrar: a device-registration listener, wire-compatible with the JAMScript-OTA
+/// `ijam` protocol.
+///
+/// Start with `registrar serve`; add a network and passphrases with
+/// `registrar network create` and `registrar passphrase add` (they work while the
+/// listener runs, against the same --data-dir and --store).
+#[derive(Parser, Debug)]
+#[command(version, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Common {
+    /// Directory holding the RSA key, the storage key and the embedded SQLite store.
+    #[arg(
+        long,
+        global = true,
+        env = "REGISTRAR_DATA_DIR",
+        default_value = "./registrar-data"
+    )]
+    pub data_dir: PathBuf,
+    /// `sqlite` (the embedded store in --data-dir) or `redis://host:port/db`.
+    #[arg(long, global = true, env = "REGISTRAR_STORE", default_value = "sqlite")]
+    pub store: String,
+    /// Print machine-readable JSON instead of tables (admin commands).
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the listener: certificate, registration and state ports (TCP, and UDP for
+    /// registration and state).
+    Serve(ServeArgs),
+    /// Create, list and inspect networks.
+    #[command(subcommand)]
+    Network(admin::NetworkCommand),
+    /// Mint, list and revoke one-time network passphrases.
+    #[command(subcommand)]
+    Passphrase(admin::PassphraseCommand),
+    /// List, inspect and revoke registered nodes.
+    #[command(subcommand)]
+    Node(admin::NodeCommand),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Address to listen on (all five sockets).
+    #[arg(long, env = "REGISTRAR_BIND", default_value = "0.0.0.0")]
+    bind: IpAddr,
+    /// Certificate port (TCP): 4-byte magic in, PEM public key out.
+    #[arg(long, env = "REGISTRAR_CERT_PORT", default_value_t = 8444)]
+    cert_port: u16,
+    /// Registration port (TCP and UDP). 0 picks a free port.
+    #[arg(long, env = "REGISTRAR_REG_PORT", default_value_t = 8445)]
+    reg_port: u16,
+    /// State port (TCP and UDP). 0 picks a free port.
+    #[arg(long, env = "REGISTRAR_STATE_PORT", default_value_t = 8446)]
+    state_port: u16,
+    /// RSA modulus size, used only when the key is first generated.
+    #[arg(long, env = "REGISTRAR_RSA_BITS", default_value_t = 2048,
+          value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"])
+              .map(|s| s.parse::<usize>().expect("listed values are numbers")))]
+    rsa_bits: usize,
+    /// Close a TCP connection that completes no frame for this long (idle, or
+    /// dribbling a partial frame).
+    #[arg(long, env = "REGISTRAR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Open TCP connections at most, across all ports; further ones are closed on accept.
+    #[arg(long, env = "REGISTRAR_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Threads for RSA decryption (default: one per core).
+    #[arg(long, env = "REGISTRAR_CRYPTO_THREADS")]
+    crypto_threads: Option<usize>,
+    /// Requests waiting for a crypto thread at most; more are shed with 503 (TCP) or
+    /// dropped (UDP).
+    #[arg(long, env = "REGISTRAR_CRYPTO_QUEUE", default_value_t = 1024)]
+    crypto_queue: usize,
+    /// How long a byte-identical retry of a registration gets the same node id back.
+    #[arg(long, env = "REGISTRAR_REPLAY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
+    replay_ttl: Duration,
+    /// How long in-flight requests may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, env = "REGISTRAR_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REGISTRAR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(&cli.common, args).await,
+            Command::Network(cmd) => admin::network(&cli.common, cmd).await,
+            Command::Passphrase(cmd) => admin::passphrase(&cli.common, cmd).await,
+            Command::Node(cmd) => admin::node(&cli.common, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
+    let data = DataDir::open(&common.data_dir)?;
+    let (rsa, origin) = data.rsa_key(args.rsa_bits)?;
+    if origin == KeyOrigin::Generated {
+        info!(path = %data.rsa_key_path().display(), bits = rsa.bits(), "generated a new RSA key pair");
+    }
+    let storage = data.storage_key()?;
+    let store = Arc::new(
+        AnyStore::open(&common.store, &data.sqlite_path())
+            .await
+            .context("cannot open the store")?,
+    );
+    let store_url = store.describe();
+    let flow = Arc::new(IjamFlow::new(
+        rsa,
+        storage,
+        store,
+        args.replay_ttl.as_millis() as i64,
+    ));
+    let threads = args
+        .crypto_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let pool =
+        CryptoPool::new(threads, args.crypto_queue).context("cannot start the crypto pool")?;
+    let config = ServerConfig {
+        idle_timeout: args.idle_timeout,
+        max_connections: args.max_connections,
+        ..ServerConfig::default()
+    };
+    let sockets = IjamSockets::bind(args.bind, args.cert_port, args.reg_port, args.state_port)
+        .await
+        .with_context(|| format!("cannot bind on {}", args.bind))?;
+    let ports = sockets.describe()?;
+    let server = IjamServer::new(Arc::clone(&flow), pool, config);
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    server.spawn(sockets, cancel.clone(), &tracker);
+    tracker.close();
+
+    info!(store = %store_url, rsa_bits = flow.rsa().bits(), crypto_threads = threads, "registrar started");
+    // Stable line: tests and scripts read the bound ports from it.
+    println!("registrar listening {ports} store={store_url}");
+    if origin == KeyOrigin::Generated {
+        println!(
+            "first start: RSA-{} key written to {}\n\
+             add a network:    registrar --data-dir {} network create NETWORK --owner USER\n\
+             add a passphrase: registrar --data-dir {} passphrase add NETWORK --node-name NAME",
+            flow.rsa().bits(),
+            data.rsa_key_path().display(),
+            data.path().display(),
+            data.path().display(),
+        );
+    }
+
+    wait_for_shutdown_signal().await;
+    info!(grace = ?args.shutdown_grace, "shutting down: no new connections");
+    cancel.cancel();
+    if tokio::time::timeout(args.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!("shutdown grace period over; exiting with requests in flight");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,458 @@
+//! tokio glue: listeners on already-bound sockets, one task per TCP connection, one
+//! task per UDP datagram, all tracked for a graceful shutdown.
+//!
+//! Only a dead socket ends a listener: a bad peer is logged and dropped.
+
+pub mod pool;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::codec::FixedFrameCodec;
+use crate::flow::ijam::{IjamError, IjamFlow, RegisterRandomness};
+use crate::store::Store;
+use crate::wire::ijam::{self, CERT_REQUEST, STATE_REQUEST_LEN};
+use pool::CryptoPool;
+
+/// Largest UDP datagram we read whole; longer ones are truncated and so rejected.
+const MAX_DATAGRAM: usize = 65_536;
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A TCP connection with no complete frame for this long is closed (idle, or a
+    /// partial frame dribbled in).
+    pub idle_timeout: Duration,
+    /// Open TCP connections across all ports; more are closed on accept.
+    pub max_connections: usize,
+    /// Undecryptable or malformed frames in a row before a TCP connection is closed.
+    pub max_bad_frames: u32,
+    /// UDP requests in flight per port; datagrams beyond it are dropped.
+    pub max_udp_in_flight: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            idle_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_bad_frames: 4,
+            max_udp_in_flight: 4096,
+        }
+    }
+}
+
+/// The five sockets of the ijam flow, bound by the caller (tests bind port 0).
+pub struct IjamSockets {
+    pub cert: TcpListener,
+    pub reg_tcp: TcpListener,
+    pub reg_udp: UdpSocket,
+    pub state_tcp: TcpListener,
+    pub state_udp: UdpSocket,
+}
+
+impl IjamSockets {
+    /// Binds all five; a reg or state port of 0 picks one free port for TCP and UDP.
+    pub async fn bind(
+        ip: std::net::IpAddr,
+        cert_port: u16,
+        reg_port: u16,
+        state_port: u16,
+    ) -> io::Result<Self> {
+        let cert = TcpListener::bind((ip, cert_port)).await?;
+        let (reg_tcp, reg_udp) = bind_pair(ip, reg_port).await?;
+        let (state_tcp, state_udp) = bind_pair(ip, state_port).await?;
+        Ok(IjamSockets {
+            cert,
+            reg_tcp,
+            reg_udp,
+            state_tcp,
+            state_udp,
+        })
+    }
+
+    /// The stable start-up line tests and operators read the ports from.
+    pub fn describe(&self) -> io::Result<String> {
+        Ok(format!(
+            "cert_tcp={} reg_tcp={} reg_udp={} state_tcp={} state_udp={}",
+            self.cert.local_addr()?,
+            self.reg_tcp.local_addr()?,
+            self.reg_udp.local_addr()?,
+            self.state_tcp.local_addr()?,
+            self.state_udp.local_addr()?
+        ))
+    }
+}
+
+/// TCP and UDP on the same port number.
+async fn bind_pair(ip: std::net::IpAddr, port: u16) -> io::Result<(TcpListener, UdpSocket)> {
+    if port != 0 {
+        return Ok((
+            TcpListener::bind((ip, port)).await?,
+            UdpSocket::bind((ip, port)).await?,
+        ));
+    }
+    let mut last = None;
+    for _ in 0..64 {
+        let tcp = TcpListener::bind((ip, 0)).await?;
+        match UdpSocket::bind(tcp.local_addr()?).await {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no free port for TCP and UDP")))
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Everything a connection task needs.
+pub struct IjamServer<S> {
+    pub flow: Arc<IjamFlow<S>>,
+    pub pool: CryptoPool,
+    pub config: ServerConfig,
+    connections: Arc<Semaphore>,
+    cert_reply: Bytes,
+}
+
+impl<S: Store> IjamServer<S> {
+    pub fn new(flow: Arc<IjamFlow<S>>, pool: CryptoPool, config: ServerConfig) -> Arc<Self> {
+        let cert_reply = Bytes::from(flow.certificate_reply());
+        Arc::new(IjamServer {
+            connections: Arc::new(Semaphore::new(config.max_connections)),
+            flow,
+            pool,
+            config,
+            cert_reply,
+        })
+    }
+
+    /// Serves until `cancel`, then stops accepting; in-flight requests finish on
+    /// `tracker`, which the caller waits on (with its grace period).
+    pub fn spawn(
+        self: &Arc<Self>,
+        sockets: IjamSockets,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let IjamSockets {
+            cert,
+            reg_tcp,
+            reg_udp,
+            state_tcp,
+            state_udp,
+        } = sockets;
+        let s = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            cert,
+            Arc::clone(self),
+            cancel.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let s = Arc::clone(&s);
+                async move { s.cert_connection(stream, peer).await }
+            },
+        ));
+        let s = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            reg_tcp,
+            Arc::clone(self),
+            cancel.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let s = Arc::clone(&s);
+                async move { s.register_connection(stream, peer).await }
+            },
+        ));
+        let s = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            state_tcp,
+            Arc::clone(self),
+            cancel.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let s = Arc::clone(&s);
+                async move { s.state_connection(stream, peer).await }
+            },
+        ));
+        tracker.spawn(udp_loop(
+            reg_udp,
+            Arc::clone(self),
+            cancel.clone(),
+            tracker.clone(),
+            Port::Register,
+        ));
+        tracker.spawn(udp_loop(
+            state_udp,
+            Arc::clone(self),
+            cancel,
+            tracker.clone(),
+            Port::State,
+        ));
+    }
+
+    async fn cert_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let mut request = [0u8; 4];
+        loop {
+            match tokio::time::timeout(self.config.idle_timeout, stream.read_exact(&mut request))
+                .await
+            {
+                Ok(Ok(_)) if request == CERT_REQUEST => {
+                    info!(flow = "ijam", port = "cert", transport = "tcp", %peer, outcome = "certificate");
+                    if stream.write_all(&self.cert_reply).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(_)) => {
+                    warn!(flow = "ijam", port = "cert", %peer, "not a certificate request; closing");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    debug!(flow = "ijam", port = "cert", %peer, "idle; closing");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn register_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        let frame_len = self.flow.rsa().ciphertext_len();
+        self.frame_loop(stream, peer, frame_len, |s, frame| async move {
+            s.register_request(frame, peer, "tcp").await
+        })
+        .await
+    }
+
+    async fn state_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.frame_loop(stream, peer, STATE_REQUEST_LEN, |s, frame| async move {
+            s.state_request(frame, peer, "tcp").await
+        })
+        .await
+    }
+
+    /// Reads fixed-size frames until EOF, the idle timeout, or too many bad frames.
+    async fn frame_loop<F, Fut>(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        len: usize,
+        handle: F,
+    ) where
+        F: Fn(Arc<Self>, Bytes) -> Fut,
+        Fut: Future<Output = (Vec<u8>, bool)>,
+    {
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(stream, FixedFrameCodec::new(len));
+        let mut bad_in_a_row = 0;
+        loop {
+            let frame = match tokio::time::timeout(self.config.idle_timeout, framed.next()).await {
+                Ok(Some(Ok(frame))) => frame.freeze(),
+                Ok(Some(Err(_)) | None) => return,
+                Err(_) => {
+                    debug!(%peer, pending = framed.read_buffer().len(), "idle or partial frame; closing");
+                    return;
+                }
+            };
+            let (reply, bad) = handle(Arc::clone(&self), frame).await;
+            if framed.send(Bytes::from(reply)).await.is_err() {
+                return;
+            }
+            bad_in_a_row = if bad { bad_in_a_row + 1 } else { 0 };
+            if bad_in_a_row >= self.config.max_bad_frames {
+                warn!(%peer, bad_in_a_row, "too many bad frames in a row; closing");
+                return;
+            }
+        }
+    }
+
+    /// One registration, whatever the transport: the reply bytes, and whether the
+    /// frame was bad (undecryptable or malformed).
+    pub async fn register_request(
+        &self,
+        ciphertext: Bytes,
+        peer: SocketAddr,
+        transport: &'static str,
+    ) -> (Vec<u8>, bool) {
+        let started = Instant::now();
+        let result = async {
+            let flow = Arc::clone(&self.flow);
+            let request = self
+                .pool
+                .run(move || flow.open_request(&ciphertext))
+                .await
+                .map_err(|_| IjamError::Overloaded)??;
+            let rand = RegisterRandomness::from_os().map_err(IjamError::Crypto)?;
+            self.flow
+                .register(&request, now_ms(), rand)
+                .await
+                .map(|r| (r, request))
+        }
+        .await;
+        let latency_us = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(((registered, reply), request)) => {
+                info!(
+                    flow = "ijam", port = "reg", transport, %peer,
+                    outcome = registered.outcome(),
+                    node_id = %registered.node_id(),
+                    network = request.network_id.as_str(),
+                    latency_us,
+                );
+                (reply.to_vec(), false)
+            }
+            Err(e) => {
+                log_failure("reg", transport, peer, &e, latency_us);
+                let bad = matches!(e, IjamError::Undecryptable | IjamError::Malformed(_));
+                (e.register_reply(), bad)
+            }
+        }
+    }
+
+    pub async fn state_request(
+        &self,
+        frame: Bytes,
+        peer: SocketAddr,
+        transport: &'static str,
+    ) -> (Vec<u8>, bool) {
+        let started = Instant::now();
+        let result = self
+            .flow
+            .change_state(&frame, &peer.ip().to_string(), now_ms())
+            .await;
+        let latency_us = started.elapsed().as_micros() as u64;
+        match result {
+            Ok((node_id, code)) => {
+                info!(flow = "ijam", port = "state", transport, %peer, outcome = "changed", %node_id, to = ?code, latency_us);
+                (ijam::state_reply(ijam::Status::OK).to_vec(), false)
+            }
+            Err(e) => {
+                log_failure("state", transport, peer, &e, latency_us);
+                let bad = matches!(e, IjamError::Malformed(_));
+                (e.state_reply().to_vec(), bad)
+            }
+        }
+    }
+}
+
+fn log_failure(
+    port: &'static str,
+    transport: &'static str,
+    peer: SocketAddr,
+    e: &IjamError,
+    latency_us: u64,
+) {
+    match e {
+        // Store trouble is the operator's concern; the rest is the peer's.
+        IjamError::Store(_) | IjamError::Crypto(_) => {
+            warn!(flow = "ijam", port, transport, %peer, outcome = e.outcome(), error = %e, latency_us)
+        }
+        _ => {
+            info!(flow = "ijam", port, transport, %peer, outcome = e.outcome(), error = %e, latency_us)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Port {
+    Register,
+    State,
+}
+
+async fn accept_loop<S, F, Fut>(
+    listener: TcpListener,
+    server: Arc<IjamServer<S>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    serve: F,
+) where
+    S: Store,
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends pass; back off a little so we do not spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&server.connections).try_acquire_owned() else {
+            warn!(%peer, max = server.config.max_connections, "connection limit reached; closing");
+            continue;
+        };
+        let conn = serve(stream, peer);
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            // Idle connections end with the listener; a request in progress finishes.
+            tokio::select! {
+                _ = conn => {}
+                _ = cancel.cancelled() => {}
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn udp_loop<S: Store>(
+    socket: UdpSocket,
+    server: Arc<IjamServer<S>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    port: Port,
+) {
+    let socket = Arc::new(socket);
+    let in_flight = Arc::new(Semaphore::new(server.config.max_udp_in_flight));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (len, peer) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                // ICMP errors from earlier sends surface here; they do not kill the port.
+                debug!(error = %e, "udp receive error");
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
+            warn!(%peer, "udp requests in flight at their limit; dropping datagram");
+            continue;
+        };
+        let datagram = Bytes::copy_from_slice(&buf[..len]);
+        let (server, socket) = (Arc::clone(&server), Arc::clone(&socket));
+        tracker.spawn(async move {
+            let (reply, _) = match port {
+                Port::Register => server.register_request(datagram, peer, "udp").await,
+                Port::State => server.state_request(datagram, peer, "udp").await,
+            };
+            if let Err(e) = socket.send_to(&reply, peer).await {
+                debug!(%peer, error = %e, "udp send failed");
+            }
+            drop(permit);
+        });
+    }
+}
