@@ -196,7 +196,7 @@ impl RsaPublicKey {
 /// AES-256-CBC without padding over whole blocks (the protocol lays out its own
 /// padding, see `wire::ijam::checksummed_plaintext`).
 pub fn aes_cbc_encrypt(key: &NodeKey, iv: [u8; 16], blocks: &mut [u8]) {
-    assert!(blocks.len() % 16 == 0, "whole AES blocks only");
+    assert!(blocks.len().is_multiple_of(16), "whole AES blocks only");
     let key = UnboundCipherKey::new(&AES_256, &key.0).expect("32-byte AES-256 key");
     let key = EncryptingKey::cbc(key).expect("CBC is supported");
     key.less_safe_encrypt(blocks, EncryptionContext::Iv128(FixedLength::from(iv)))
@@ -204,7 +204,7 @@ pub fn aes_cbc_encrypt(key: &NodeKey, iv: [u8; 16], blocks: &mut [u8]) {
 }
 
 pub fn aes_cbc_decrypt(key: &NodeKey, iv: [u8; 16], blocks: &mut [u8]) {
-    assert!(blocks.len() % 16 == 0, "whole AES blocks only");
+    assert!(blocks.len().is_multiple_of(16), "whole AES blocks only");
     let key = UnboundCipherKey::new(&AES_256, &key.0).expect("32-byte AES-256 key");
     let key = DecryptingKey::cbc(key).expect("CBC is supported");
     key.decrypt(blocks, DecryptionContext::Iv128(FixedLength::from(iv)))

@@ -334,7 +334,7 @@ fn xor_all(bytes: &[u8]) -> u8 {
 /// message of the protocol. `N` must be the padded length.
 pub fn checksummed_plaintext<const N: usize>(data: &[u8]) -> [u8; N] {
     // One padding block at most, and at least one padding byte (PKCS#7).
-    assert!(N % AES_BLOCK == 0 && data.len() + 1 < N && N - data.len() - 1 <= AES_BLOCK);
+    assert!(N.is_multiple_of(AES_BLOCK) && data.len() + 1 < N && N - data.len() - 1 <= AES_BLOCK);
     let pad = (N - data.len() - 1) as u8;
     let mut out = [pad; N];
     out[..data.len()].copy_from_slice(data);
@@ -563,7 +563,7 @@ mod tests {
             })
         );
         assert_eq!(
-            with(16, &[b' ']),
+            with(16, b" "),
             Err(DecodeError::BadByte {
                 field: "network_id",
                 offset: 0

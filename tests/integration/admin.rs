@@ -1,0 +1,332 @@
+//! The administration commands and the data dir, through the real binary.
+
+use std::os::unix::fs::PermissionsExt;
+
+use crate::support::ijam_client::*;
+use crate::support::listener::{Backend, Key, Listener, admin};
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn first_start_generates_the_keys_and_later_starts_reuse_them() {
+    let l = Listener::start(Backend::Sqlite, Key::Generate, &[]);
+    let dir = l.data_dir.path().to_path_buf();
+    for file in ["rsa_private_key.pem", "storage.key"] {
+        let mode = std::fs::metadata(dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let cert = fetch_certificate(l.ports.cert);
+    assert_eq!(cert.len(), 800);
+    l.create_network("net", "alice");
+    let p = l.add_passphrase("net", "n1");
+    let key = random_key();
+    let pk = public_key(l.ports.cert);
+    let ct = pk
+        .encrypt(&request(None, "net", &p, key).to_bytes())
+        .unwrap();
+    let id = decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key);
+
+    let (data_dir, backend) = l.stop();
+    let mut again = Listener::start_in(backend, data_dir, &["--rsa-bits", "4096"]);
+    assert!(again.is_running());
+    assert_eq!(
+        fetch_certificate(again.ports.cert),
+        cert,
+        "same key, --rsa-bits ignored"
+    );
+    assert_eq!(
+        again.node_json(id)["name"],
+        "n1",
+        "the embedded store kept the node"
+    );
+    // The replay cache survives the restart too: a retry of the lost reply still works.
+    assert_eq!(
+        decode_reply_upstream(&tcp_exchange(again.ports.reg_tcp, &ct), &key),
+        id
+    );
+}
+
+#[test]
+fn network_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| admin(dir.path(), "sqlite", args);
+    let out = run(&[
+        "network", "create", "lab", "--owner", "alice", "--name", "The lab",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["network", "create", "lab", "--owner", "bob"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let out = run(&["network", "create", "has space", "--owner", "bob"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid network id"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&["network", "create", "seventeen-chars-x", "--owner", "bob"]);
+    assert!(!out.status.success());
+
+    let out = run(&["--json", "network", "show", "lab"]);
+    let net: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(net["owner"], "alice");
+    assert_eq!(net["name"], "The lab");
+    let table = String::from_utf8(run(&["network", "list"]).stdout).unwrap();
+    assert!(table.starts_with("NETWORK"), "{table}");
+    assert!(table.contains("lab") && table.contains("alice"), "{table}");
+    let out = run(&["network", "show", "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("\"nope\" does not exist"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn passphrase_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| admin(dir.path(), "sqlite", args);
+    assert!(
+        run(&["network", "create", "lab", "--owner", "alice"])
+            .status
+            .success()
+    );
+
+    let out = run(&[
+        "passphrase",
+        "add",
+        "lab",
+        "--node-name",
+        "sensor",
+        "--count",
+        "5",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let minted: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(minted.len(), 5);
+    assert!(
+        minted
+            .iter()
+            .all(|p| p.len() == 16 && p.bytes().all(|b| b.is_ascii_alphanumeric()))
+    );
+    let mut unique = minted.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 5);
+
+    let listing = String::from_utf8(run(&["passphrase", "list", "lab"]).stdout).unwrap();
+    let json = String::from_utf8(run(&["--json", "passphrase", "list", "lab"]).stdout).unwrap();
+    for i in 1..=5 {
+        assert!(listing.contains(&format!("sensor-{i}")), "{listing}");
+    }
+    for p in &minted {
+        assert!(
+            !listing.contains(p.as_str()) && !json.contains(p.as_str()),
+            "a secret was listed"
+        );
+    }
+
+    // Same name again: refused, and nothing of the batch is added.
+    let out = run(&[
+        "passphrase",
+        "add",
+        "lab",
+        "--node-name",
+        "sensor",
+        "--count",
+        "6",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("already pending"), "{}", stderr(&out));
+    let pending: Vec<serde_json::Value> =
+        serde_json::from_slice(&run(&["--json", "passphrase", "list", "lab"]).stdout).unwrap();
+    assert_eq!(pending.len(), 5);
+
+    let out = run(&["passphrase", "revoke", "lab", "--node-name", "sensor-3"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pending: Vec<serde_json::Value> =
+        serde_json::from_slice(&run(&["--json", "passphrase", "list", "lab"]).stdout).unwrap();
+    assert_eq!(pending.len(), 4);
+    assert!(pending.iter().all(|p| p["node_name"] != "sensor-3"));
+    let out = run(&["passphrase", "revoke", "lab", "--node-name", "sensor-3"]);
+    assert!(!out.status.success());
+
+    // Typed passphrases: 1–16 alphanumerics; a 16-character one needs its check value.
+    assert!(
+        run(&[
+            "passphrase",
+            "add",
+            "lab",
+            "--node-name",
+            "t1",
+            "--passphrase",
+            "alpha1"
+        ])
+        .status
+        .success()
+    );
+    let out = run(&[
+        "passphrase",
+        "add",
+        "lab",
+        "--node-name",
+        "t2",
+        "--passphrase",
+        "not-alnum",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("invalid passphrase"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&[
+        "passphrase",
+        "add",
+        "lab",
+        "--node-name",
+        "t3",
+        "--passphrase",
+        "abcdefghijklmnop",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("check value"), "{}", stderr(&out));
+    // The same secret twice in one network is refused.
+    let out = run(&[
+        "passphrase",
+        "add",
+        "lab",
+        "--node-name",
+        "t4",
+        "--passphrase",
+        "alpha1",
+    ]);
+    assert!(!out.status.success());
+
+    let out = run(&["passphrase", "add", "nope", "--node-name", "x"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("\"nope\" does not exist"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn expired_and_revoked_passphrases_get_the_one_401_reply() {
+    let l = Listener::start(Backend::Sqlite, Key::Vector2048, &[]);
+    l.create_network("net", "alice");
+    let pk = public_key(l.ports.cert);
+    let expired = l
+        .admin_ok(&[
+            "passphrase",
+            "add",
+            "net",
+            "--node-name",
+            "late",
+            "--expires-in",
+            "1ms",
+        ])
+        .trim()
+        .to_owned();
+    let listing = l.admin_ok(&["passphrase", "list", "net"]);
+    assert!(listing.contains("(expired)"), "{listing}");
+    let revoked = l.add_passphrase("net", "gone");
+    l.admin_ok(&["passphrase", "revoke", "net", "--node-name", "gone"]);
+    for p in [expired, revoked] {
+        let ct = pk
+            .encrypt(&request(None, "net", &p, random_key()).to_bytes())
+            .unwrap();
+        assert_eq!(
+            tcp_exchange(l.ports.reg_tcp, &ct),
+            b"\x91\x01Invalid passphrase."
+        );
+    }
+    assert!(l.nodes_json().is_empty());
+}
+
+#[test]
+fn node_commands() {
+    let l = Listener::start(Backend::Sqlite, Key::Vector2048, &[]);
+    l.create_network("net", "alice");
+    let pk = public_key(l.ports.cert);
+    let p = l.add_passphrase("net", "n1");
+    let key = random_key();
+    let ct = pk
+        .encrypt(&request(None, "net", &p, key).to_bytes())
+        .unwrap();
+    let id = decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key);
+
+    let table = l.admin_ok(&["node", "list", "--network", "net"]);
+    assert!(
+        table.starts_with("NODE") && table.contains(&id.to_string()),
+        "{table}"
+    );
+    let shown = l.admin_ok(&["node", "show", &id.to_string()]);
+    assert!(shown.contains("status:      offline"), "{shown}");
+    assert!(
+        !shown.contains(&hex::encode(key)),
+        "the node key is never shown"
+    );
+    let json = l.admin_ok(&["--json", "node", "show", &id.to_string()]);
+    assert!(
+        !json.contains("sealed") && !json.contains(&hex::encode(key)),
+        "{json}"
+    );
+
+    let out = l.admin(&["node", "list", "--network", "nope"]);
+    assert!(!out.status.success());
+    let missing = uuid::Uuid::from_bytes([1; 16]).to_string();
+    let out = l.admin(&["node", "show", &missing]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    let out = l.admin(&["node", "revoke", &missing]);
+    assert!(!out.status.success());
+
+    l.admin_ok(&["node", "revoke", &id.to_string()]);
+    assert_eq!(l.node_json(id)["status"], "revoked");
+}
+
+#[test]
+fn an_unreachable_store_is_a_clear_error_naming_the_url() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["network", "list"][..],
+        &["passphrase", "add", "net", "--node-name", "x"],
+    ] {
+        let out = admin(dir.path(), "redis://127.0.0.1:1/", args);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("redis://127.0.0.1:1"), "{err}");
+        assert!(err.contains("unavailable"), "{err}");
+    }
+    let out = admin(dir.path(), "postgres://x", &["network", "list"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("unknown store"), "{}", stderr(&out));
+}
+
+#[test]
+fn help_answers_the_questions_an_operator_has() {
+    let out = admin(std::path::Path::new("."), "sqlite", &["serve", "--help"]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "--reg-port",
+        "REGISTRAR_REG_PORT",
+        "--rsa-bits",
+        "--store",
+        "--data-dir",
+        "--idle-timeout",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from serve --help");
+    }
+}

@@ -1,0 +1,608 @@
+//! The ijam flow end to end over real sockets, against the real `registrar` binary,
+//! on both stores (`ijam_battery!`), plus the upstream capture checks.
+
+use crate::support::ijam_client::*;
+use crate::support::listener::{Backend, Key, Listener, vector};
+use registrar::crypto::{self, RsaKey};
+use registrar::wire::ijam::{self, NodeArch, NodeKey, NodeType, RegisterRequest, StateCode};
+use uuid::Uuid;
+
+const REPLY_400: &[u8] = b"\x90\x01request";
+const REPLY_401: &[u8] = b"\x91\x01Invalid passphrase.";
+
+// ---- the upstream capture, no listener --------------------------------------------
+
+#[test]
+fn captured_requests_decrypt_with_the_shipped_keys_to_the_recorded_fields() {
+    for (bits, network, passphrase, node_type, arch) in [
+        (4096, "testnet01", "alpha1", NodeType::Device, NodeArch::Wsl),
+        (
+            2048,
+            "vecnet2048",
+            "vecpass1",
+            NodeType::Fog,
+            NodeArch::RpiLinux,
+        ),
+    ] {
+        let key = RsaKey::from_pkcs8_pem(
+            std::str::from_utf8(&vector(&format!("rsa{bits}_private_key.pem"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(key.bits(), bits);
+        let mut buf = [0u8; crypto::MAX_MODULUS_LEN];
+        let plain = key
+            .decrypt(&vector(&format!("reg{bits}_request_cipher.bin")), &mut buf)
+            .unwrap();
+        assert_eq!(plain, vector(&format!("reg{bits}_request_plain.bin")));
+        let req = RegisterRequest::parse(plain).unwrap();
+        assert_eq!(req.node_id, None);
+        assert_eq!(req.network_id.as_str(), network);
+        assert_eq!(req.passphrase.expose(), passphrase);
+        assert_eq!(
+            req.node_key.0.as_slice(),
+            vector(&format!("reg{bits}_node_key.bin"))
+        );
+        assert_eq!((req.node_type, req.node_arch), (node_type, arch));
+        // The served certificate is byte-identical to the original's PEM.
+        assert_eq!(
+            key.public_pem().as_bytes(),
+            vector(&format!("cert_response_rsa{bits}.pem"))
+        );
+    }
+}
+
+#[test]
+fn a_reply_built_by_registrar_equals_the_captured_reply_and_decodes_upstream_style() {
+    for bits in [2048, 4096] {
+        let captured = vector(&format!("reg{bits}_response.bin"));
+        let node_id = Uuid::from_slice(&vector(&format!("reg{bits}_node_id.bin"))).unwrap();
+        let key: [u8; 32] = vector(&format!("reg{bits}_node_key.bin"))
+            .try_into()
+            .unwrap();
+        let iv: [u8; 16] = captured[2..18].try_into().unwrap();
+        let mut body = ijam::register_reply_plaintext(node_id);
+        assert_eq!(
+            body.as_slice(),
+            vector(&format!("reg{bits}_response_aes_plain.bin"))
+        );
+        crypto::aes_cbc_encrypt(&NodeKey(key), iv, &mut body);
+        let reply = ijam::register_reply(iv, body);
+        assert_eq!(reply.as_slice(), captured);
+        assert_eq!(decode_reply_upstream(&reply, &key), node_id);
+    }
+}
+
+#[test]
+fn error_replies_match_the_captured_bytes() {
+    assert_eq!(vector("err400_request.bin"), REPLY_400);
+    assert_eq!(vector("err401_consumed_passphrase.bin"), REPLY_401);
+    let plain = vector("err400_badtype_request_plain.bin");
+    assert!(RegisterRequest::parse(&plain).is_err());
+}
+
+// ---- over the wire, on every store -------------------------------------------------
+
+macro_rules! ijam_battery {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $test() { super::$test("sqlite") })*
+        }
+        mod redis {
+            $(#[test] fn $test() { super::$test("redis") })*
+        }
+    };
+}
+
+ijam_battery!(
+    certificate_port,
+    captured_2048_exchange_registers_and_replays,
+    captured_4096_exchange_then_consumed_passphrase,
+    registration_rules_tcp,
+    registration_rules_udp,
+    two_hundred_clients_race_for_twenty_passphrases,
+    state_transitions_tcp,
+    state_transitions_udp,
+    bad_input_gets_its_reply_and_changes_nothing,
+    several_requests_on_one_connection_and_split_writes,
+);
+
+fn listener(backend: &str, key: Key) -> Option<Listener> {
+    Backend::named(backend).map(|b| Listener::start(b, key, &[]))
+}
+
+fn certificate_port(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    let reply = fetch_certificate(l.ports.cert);
+    let pem = vector("cert_response_rsa2048.pem");
+    assert_eq!(
+        reply.len(),
+        800,
+        "NUL-padded to the 800 bytes the C client reads"
+    );
+    assert_eq!(&reply[..pem.len()], pem.as_slice());
+    assert!(reply[pem.len()..].iter().all(|&b| b == 0));
+
+    // The connection stays open for another request, as the original's did.
+    let mut stream = connect(l.ports.cert);
+    let mut two = Vec::new();
+    use std::io::{Read, Write};
+    stream
+        .write_all(&[ijam::CERT_REQUEST, ijam::CERT_REQUEST].concat())
+        .unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    stream.read_to_end(&mut two).unwrap();
+    assert_eq!(two, [reply.clone(), reply].concat());
+
+    // Anything else: closed without a reply.
+    assert_eq!(tcp_exchange(l.ports.cert, b"GET / HTTP/1.0\r\n\r\n"), b"");
+}
+
+fn captured_2048_exchange_registers_and_replays(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    l.create_network("vecnet2048", "alice");
+    l.admin_ok(&[
+        "passphrase",
+        "add",
+        "vecnet2048",
+        "--node-name",
+        "fog-1",
+        "--passphrase",
+        "vecpass1",
+    ]);
+    let key: [u8; 32] = vector("reg2048_node_key.bin").try_into().unwrap();
+
+    // A malformed plaintext (nodeType 1) gets the upstream bytes and consumes nothing.
+    let cipher = vector("err400_badtype_request_cipher_rsa2048.bin");
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &cipher), REPLY_400);
+
+    let cipher = vector("reg2048_request_cipher.bin");
+    let reply = tcp_exchange(l.ports.reg_tcp, &cipher);
+    let id = decode_reply_upstream(&reply, &key);
+    assert_eq!(id.get_version_num(), 4, "server-made ids are UUIDv4");
+    let node = l.node_json(id);
+    assert_eq!(node["name"], "fog-1");
+    assert_eq!(node["owner"], "alice");
+    assert_eq!(node["node_type"], "fog");
+    assert_eq!(node["arch"], "rpi_linux");
+    assert_eq!(node["status"], "offline");
+
+    // The client's reply was lost: the byte-identical retry gets the same id, over UDP too.
+    assert_eq!(
+        decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &cipher), &key),
+        id
+    );
+    assert_eq!(
+        decode_reply_upstream(&udp_exchange(l.ports.reg_udp, &cipher), &key),
+        id
+    );
+    assert_eq!(l.nodes_json().len(), 1);
+}
+
+fn captured_4096_exchange_then_consumed_passphrase(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector4096) else {
+        return;
+    };
+    l.create_network("testnet01", "admin");
+    l.admin_ok(&[
+        "passphrase",
+        "add",
+        "testnet01",
+        "--node-name",
+        "node-alpha1",
+        "--passphrase",
+        "alpha1",
+    ]);
+    let key: [u8; 32] = vector("reg4096_node_key.bin").try_into().unwrap();
+    let reply = tcp_exchange(l.ports.reg_tcp, &vector("reg4096_request_cipher.bin"));
+    let id = decode_reply_upstream(&reply, &key);
+    assert_eq!(l.node_json(id)["arch"], "wsl");
+    // The C client's second run: same passphrase, new key → the upstream 401 bytes.
+    assert_eq!(
+        tcp_exchange(l.ports.reg_tcp, &vector("err401_request_cipher.bin")),
+        REPLY_401
+    );
+    assert_eq!(l.nodes_json().len(), 1);
+}
+
+fn registration_rules(backend: &str, transport: Transport) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    let pk = public_key(l.ports.cert);
+    let send = |req: &RegisterRequest| {
+        let ct = pk.encrypt(&req.to_bytes()).unwrap();
+        (
+            ct.clone(),
+            exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct),
+        )
+    };
+    l.create_network("net-a", "alice");
+    l.create_network("net-b", "bob");
+    l.create_network("net-a2", "alice");
+
+    // New node.
+    let p1 = l.add_passphrase("net-a", "n1");
+    let k1 = random_key();
+    let (ct1, reply) = send(&request(None, "net-a", &p1, k1));
+    let id1 = decode_reply_upstream(&reply, &k1);
+    assert_eq!(id1.get_version_num(), 4);
+
+    // Byte-identical retry: same id, nothing new.
+    let retry = exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct1);
+    assert_eq!(decode_reply_upstream(&retry, &k1), id1);
+
+    // Same passphrase again (a new key, so not a retry) → 401; unknown network → same bytes.
+    let (_, reply) = send(&request(None, "net-a", &p1, random_key()));
+    assert_eq!(reply, REPLY_401);
+    let (_, reply) = send(&request(None, "no-such-net", &p1, random_key()));
+    assert_eq!(reply, REPLY_401);
+    // A generated-looking passphrase whose check value is wrong: the same 401.
+    let mut wrong = p1.clone().into_bytes();
+    wrong[15] = if wrong[15] == b'0' { b'1' } else { b'0' };
+    let (_, reply) = send(&request(
+        None,
+        "net-a",
+        std::str::from_utf8(&wrong).unwrap(),
+        random_key(),
+    ));
+    assert_eq!(reply, REPLY_401);
+
+    // Put the node online, then re-register it (same owner, another network of
+    // alice's): same id, status offline, and only the new key works from now on.
+    let reply = exchange(
+        transport,
+        l.ports.state_tcp,
+        l.ports.state_udp,
+        &state_frame(id1, &k1, StateCode::Online),
+    );
+    assert_eq!(reply, [0xc8, 0x00]);
+    assert_eq!(l.node_json(id1)["status"], "online");
+    let p2 = l.add_passphrase("net-a2", "n1-again");
+    let k2 = random_key();
+    let (_, reply) = send(&request(Some(id1), "net-a2", &p2, k2));
+    assert_eq!(decode_reply_upstream(&reply, &k2), id1);
+    let node = l.node_json(id1);
+    assert_eq!(node["status"], "offline");
+    assert_eq!(node["network"], "net-a2");
+    assert_eq!(node["name"], "n1-again");
+    let old_key = exchange(
+        transport,
+        l.ports.state_tcp,
+        l.ports.state_udp,
+        &state_frame(id1, &k1, StateCode::Online),
+    );
+    assert_eq!(old_key, [0x90, 0x01], "the old key no longer decrypts: 400");
+    let new_key = exchange(
+        transport,
+        l.ports.state_tcp,
+        l.ports.state_udp,
+        &state_frame(id1, &k2, StateCode::Online),
+    );
+    assert_eq!(new_key, [0xc8, 0x00]);
+
+    // Bob names alice's node id: he gets a fresh id and alice's node is untouched.
+    let p3 = l.add_passphrase("net-b", "b1");
+    let k3 = random_key();
+    let (_, reply) = send(&request(Some(id1), "net-b", &p3, k3));
+    let id3 = decode_reply_upstream(&reply, &k3);
+    assert_ne!(id3, id1);
+    assert_eq!(l.node_json(id1)["owner"], "alice");
+    assert_eq!(l.node_json(id3)["owner"], "bob");
+
+    // A non-zero id the store does not know is kept as sent.
+    let p4 = l.add_passphrase("net-b", "b2");
+    let chosen = Uuid::from_bytes([0x42; 16]);
+    let k4 = random_key();
+    let (_, reply) = send(&request(Some(chosen), "net-b", &p4, k4));
+    assert_eq!(decode_reply_upstream(&reply, &k4), chosen);
+
+    assert_eq!(l.nodes_json().len(), 3);
+}
+
+fn registration_rules_tcp(backend: &str) {
+    registration_rules(backend, Transport::Tcp)
+}
+
+fn registration_rules_udp(backend: &str) {
+    registration_rules(backend, Transport::Udp)
+}
+
+fn two_hundred_clients_race_for_twenty_passphrases(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    l.create_network("race", "alice");
+    let out = l.admin_ok(&[
+        "passphrase",
+        "add",
+        "race",
+        "--node-name",
+        "racer",
+        "--count",
+        "20",
+    ]);
+    let passphrases: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(passphrases.len(), 20);
+    let pk = public_key(l.ports.cert);
+    let requests: Vec<(Vec<u8>, [u8; 32])> = (0..200)
+        .map(|i| {
+            let key = random_key();
+            let req = request(None, "race", &passphrases[i % 20], key);
+            (pk.encrypt(&req.to_bytes()).unwrap(), key)
+        })
+        .collect();
+    // All 200 connect first, then all send at once.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
+    let addr = l.ports.reg_tcp;
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|(ct, key)| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let mut stream = connect(addr);
+                barrier.wait();
+                use std::io::{Read, Write};
+                stream.write_all(&ct).unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut reply = Vec::new();
+                stream.read_to_end(&mut reply).unwrap();
+                (reply, key)
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut refused = 0;
+    for h in handles {
+        let (reply, key) = h.join().unwrap();
+        if reply == REPLY_401 {
+            refused += 1;
+        } else {
+            ids.push(decode_reply_upstream(&reply, &key));
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!((ids.len(), refused), (20, 180));
+    let out = l.admin_ok(&["--json", "node", "list", "--network", "race"]);
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(nodes.len(), 20);
+    let listed = l.admin_ok(&["--json", "passphrase", "list", "race"]);
+    assert_eq!(listed.trim(), "[]");
+}
+
+/// Registers one node over TCP and returns its id and key.
+fn register_one(l: &Listener, network: &str, name: &str) -> (Uuid, [u8; 32]) {
+    let pk = public_key(l.ports.cert);
+    let p = l.add_passphrase(network, name);
+    let key = random_key();
+    let ct = pk
+        .encrypt(&request(None, network, &p, key).to_bytes())
+        .unwrap();
+    (
+        decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key),
+        key,
+    )
+}
+
+fn state_transitions(backend: &str, transport: Transport) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    l.create_network("net", "alice");
+    let (id, key) = register_one(&l, "net", "n1");
+    let send = |frame: Vec<u8>| exchange(transport, l.ports.state_tcp, l.ports.state_udp, &frame);
+    let status = |l: &Listener| l.node_json(id)["status"].as_str().unwrap().to_owned();
+
+    // From offline: loading is not allowed (403), online and offline are.
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Loading)),
+        403u16.to_le_bytes()
+    );
+    assert_eq!(status(&l), "offline");
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Offline)),
+        200u16.to_le_bytes()
+    );
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Online)),
+        200u16.to_le_bytes()
+    );
+    let node = l.node_json(id);
+    assert_eq!(node["status"], "online");
+    assert_eq!(node["ip"], "127.0.0.1");
+    assert!(node["online_ms"].as_i64().unwrap() > 0);
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Online)),
+        200u16.to_le_bytes()
+    );
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Loading)),
+        200u16.to_le_bytes()
+    );
+    assert_eq!(status(&l), "loading");
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Loading)),
+        403u16.to_le_bytes()
+    );
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Online)),
+        200u16.to_le_bytes()
+    );
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Offline)),
+        200u16.to_le_bytes()
+    );
+    assert_eq!(status(&l), "offline");
+
+    // Unknown node → 404; bad checksum, bad padding, bad code, wrong length → 400.
+    let unknown = Uuid::from_bytes([9; 16]);
+    assert_eq!(
+        send(state_frame(unknown, &key, StateCode::Online)),
+        404u16.to_le_bytes()
+    );
+    let mut bad = StateCode::Online.plaintext();
+    bad[4] ^= 0x55;
+    assert_eq!(
+        send(state_frame_from_block(id, &key, bad)),
+        400u16.to_le_bytes()
+    );
+    let mut bad = StateCode::Online.plaintext();
+    bad[15] = 0;
+    assert_eq!(
+        send(state_frame_from_block(id, &key, bad)),
+        400u16.to_le_bytes()
+    );
+    let seven = ijam::checksummed_plaintext::<16>(&7u32.to_le_bytes());
+    assert_eq!(
+        send(state_frame_from_block(id, &key, seven)),
+        400u16.to_le_bytes()
+    );
+    assert_eq!(
+        send(state_frame(id, &random_key(), StateCode::Online)),
+        400u16.to_le_bytes()
+    );
+    assert_eq!(status(&l), "offline", "no failed request changed the node");
+    if transport == Transport::Udp {
+        let short = &state_frame(id, &key, StateCode::Online)[..47];
+        assert_eq!(send(short.to_vec()), 400u16.to_le_bytes());
+    }
+
+    // Revoked: every transition is refused.
+    l.admin_ok(&["node", "revoke", &id.to_string()]);
+    assert_eq!(
+        send(state_frame(id, &key, StateCode::Online)),
+        403u16.to_le_bytes()
+    );
+    assert_eq!(status(&l), "revoked");
+}
+
+fn state_transitions_tcp(backend: &str) {
+    state_transitions(backend, Transport::Tcp)
+}
+
+fn state_transitions_udp(backend: &str) {
+    state_transitions(backend, Transport::Udp)
+}
+
+fn bad_input_gets_its_reply_and_changes_nothing(backend: &str) {
+    let Some(l) = Backend::named(backend)
+        .map(|b| Listener::start(b, Key::Vector2048, &["--idle-timeout", "1s"]))
+    else {
+        return;
+    };
+    l.create_network("net", "alice");
+    let p = l.add_passphrase("net", "n1");
+    let pk = public_key(l.ports.cert);
+    let before_pending = l.admin_ok(&["--json", "passphrase", "list", "net"]);
+
+    // Wrong ciphertext length over UDP (no framing to hide behind): 400.
+    for len in [1, 255, 257, 512, 1400] {
+        assert_eq!(
+            udp_exchange(l.ports.reg_udp, &vec![0x5a; len]),
+            REPLY_400,
+            "{len}"
+        );
+    }
+    // Random bytes of the right length, all-zero and all-ones blocks: 400, TCP and UDP.
+    for block in [crypto::random::<256>().unwrap(), [0; 256], [0xff; 256]] {
+        assert_eq!(tcp_exchange(l.ports.reg_tcp, &block), REPLY_400);
+        assert_eq!(udp_exchange(l.ports.reg_udp, &block), REPLY_400);
+    }
+    // Valid OAEP blocks around bad plaintexts: bad one-hot type/arch, bad passphrase
+    // characters, a short plaintext.
+    let good = request(None, "net", &p, random_key()).to_bytes();
+    let mut bad_type = good;
+    bad_type[80..84].copy_from_slice(&3u32.to_le_bytes());
+    let mut bad_arch = good;
+    bad_arch[84..88].copy_from_slice(&0u32.to_le_bytes());
+    let mut bad_pass = good;
+    bad_pass[33] = b'!';
+    for plain in [&bad_type[..], &bad_arch, &bad_pass, &good[..87]] {
+        let ct = pk.encrypt(plain).unwrap();
+        assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), REPLY_400);
+        assert_eq!(udp_exchange(l.ports.reg_udp, &ct), REPLY_400);
+    }
+    // A 1-byte write then silence: closed by the idle timeout, no reply.
+    let mut stream = connect(l.ports.reg_tcp);
+    use std::io::{Read, Write};
+    stream.write_all(&[0x42]).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(
+        stream.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed without a reply"
+    );
+    // A huge write: replies for what was read, then a close after too many bad frames.
+    let mut stream = connect(l.ports.reg_tcp);
+    let junk = vec![0xa5u8; 4 << 20];
+    let writer = std::thread::spawn(move || {
+        let _ = stream.write_all(&junk);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        stream
+    });
+    let mut stream = writer.join().unwrap_or_else(|_| panic!("writer"));
+    let mut replies = Vec::new();
+    // The close may come as a reset (unread junk): what did arrive must be 400s.
+    let _ = stream.read_to_end(&mut replies);
+    assert!(REPLY_400.repeat(4).starts_with(&replies), "{replies:02x?}");
+
+    // Nothing changed, and the listener still serves: the passphrase still works.
+    assert_eq!(
+        l.admin_ok(&["--json", "passphrase", "list", "net"]),
+        before_pending
+    );
+    assert!(l.nodes_json().is_empty());
+    let (_, _) = {
+        let key = random_key();
+        let ct = pk.encrypt(&good_with_key(&good, key)).unwrap();
+        (
+            decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key),
+            key,
+        )
+    };
+    assert_eq!(l.nodes_json().len(), 1);
+}
+
+fn good_with_key(plain: &[u8; 88], key: [u8; 32]) -> [u8; 88] {
+    let mut p = *plain;
+    p[48..80].copy_from_slice(&key);
+    p
+}
+
+fn several_requests_on_one_connection_and_split_writes(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    l.create_network("net", "alice");
+    let pk = public_key(l.ports.cert);
+    let mut stream = connect(l.ports.reg_tcp);
+    use std::io::{Read, Write};
+    let mut secrets = Vec::new();
+    for i in 0..3 {
+        let p = l.add_passphrase("net", &format!("n{i}"));
+        let key = random_key();
+        secrets.push(p.clone());
+        secrets.push(hex::encode(key));
+        let ct = pk
+            .encrypt(&request(None, "net", &p, key).to_bytes())
+            .unwrap();
+        // Split the ciphertext across writes (the original failed on this).
+        stream.write_all(&ct[..100]).unwrap();
+        stream.flush().unwrap();
+        stream.write_all(&ct[100..]).unwrap();
+        let mut reply = [0u8; 50];
+        stream.read_exact(&mut reply).unwrap();
+        decode_reply_upstream(&reply, &key);
+    }
+    assert_eq!(l.nodes_json().len(), 3);
+    // The listener logged one line per request, and never a secret.
+    let log = l.log();
+    assert_eq!(log.matches("outcome=\"created\"").count(), 3, "{log}");
+    for secret in &secrets {
+        assert!(!log.contains(secret.as_str()), "a secret reached the log");
+    }
+}

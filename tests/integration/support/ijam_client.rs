@@ -1,0 +1,113 @@
+//! A minimal ijam client over blocking std sockets, decoding replies the way the
+//! upstream C client does.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use registrar::crypto::{self, RsaPublicKey};
+use registrar::wire::ijam::{
+    self, CERT_REQUEST, NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest,
+    StateCode,
+};
+use uuid::Uuid;
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
+
+/// The raw certificate reply (exactly what arrives for one request).
+pub fn fetch_certificate(cert: SocketAddr) -> Vec<u8> {
+    let mut stream = connect(cert);
+    stream.write_all(&CERT_REQUEST).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    reply
+}
+
+pub fn public_key(cert: SocketAddr) -> RsaPublicKey {
+    RsaPublicKey::from_pem(&fetch_certificate(cert)).expect("certificate reply parses")
+}
+
+pub fn request(
+    node_id: Option<Uuid>,
+    network: &str,
+    passphrase: &str,
+    key: [u8; 32],
+) -> RegisterRequest {
+    RegisterRequest {
+        node_id,
+        network_id: NetworkId::new(network).unwrap(),
+        passphrase: Passphrase::new(passphrase).unwrap(),
+        node_key: NodeKey(key),
+        node_type: NodeType::Device,
+        node_arch: NodeArch::X86Ubuntu,
+    }
+}
+
+pub fn random_key() -> [u8; 32] {
+    crypto::random().unwrap()
+}
+
+/// One request on a fresh connection: write, half-close, read the reply to EOF (a
+/// reset counts as EOF: the server closes on garbage without reading all of it).
+pub fn tcp_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = connect(addr);
+    stream.write_all(bytes).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut reply = Vec::new();
+    match stream.read_to_end(&mut reply) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("reading the reply: {e}"),
+    }
+    reply
+}
+
+pub fn udp_exchange(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    socket.send_to(bytes, addr).unwrap();
+    let mut buf = [0u8; 2048];
+    let (n, from) = socket.recv_from(&mut buf).expect("udp reply");
+    assert_eq!(from, addr);
+    buf[..n].to_vec()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+pub fn exchange(transport: Transport, tcp: SocketAddr, udp: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    match transport {
+        Transport::Tcp => tcp_exchange(tcp, bytes),
+        Transport::Udp => udp_exchange(udp, bytes),
+    }
+}
+
+/// Decodes a 200 reply as `ijamreg` does: AES-CBC-decrypt IV ‖ body (48 bytes) with
+/// a zero IV, skip the first (garbage) block, then check padding and XOR checksum.
+pub fn decode_reply_upstream(reply: &[u8], key: &[u8; 32]) -> Uuid {
+    assert_eq!(reply.len(), 50, "reply {reply:02x?}");
+    assert_eq!(&reply[..2], &[0xc8, 0x00], "status 200");
+    let mut blocks = reply[2..50].to_vec();
+    crypto::aes_cbc_decrypt(&NodeKey(*key), [0; 16], &mut blocks);
+    ijam::parse_register_reply_plaintext(&blocks[16..]).expect("reply verifies")
+}
+
+pub fn state_frame(node_id: Uuid, key: &[u8; 32], code: StateCode) -> Vec<u8> {
+    state_frame_from_block(node_id, key, code.plaintext())
+}
+
+pub fn state_frame_from_block(node_id: Uuid, key: &[u8; 32], mut block: [u8; 16]) -> Vec<u8> {
+    let iv: [u8; 16] = crypto::random().unwrap();
+    crypto::aes_cbc_encrypt(&NodeKey(*key), iv, &mut block);
+    [node_id.as_bytes().as_slice(), &iv, &block].concat()
+}

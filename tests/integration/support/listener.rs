@@ -1,0 +1,236 @@
+//! Runs the real `registrar` binary on port 0 and reads the bound ports from its
+//! stable start-up line; admin commands run as the same binary on the same data dir.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::redis_server::PrivateRedis;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_registrar");
+
+pub fn vectors_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/ijam")
+}
+
+pub fn vector(name: &str) -> Vec<u8> {
+    let path = vectors_dir().join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Which store the listener runs on.
+pub enum Backend {
+    Sqlite,
+    Redis(PrivateRedis),
+}
+
+impl Backend {
+    /// `None` when the backend's server is not installed (the suite prints "skipped").
+    pub fn named(name: &str) -> Option<Backend> {
+        match name {
+            "sqlite" => Some(Backend::Sqlite),
+            "redis" => PrivateRedis::start().map(Backend::Redis),
+            other => panic!("unknown backend {other}"),
+        }
+    }
+
+    fn store_arg(&self) -> String {
+        match self {
+            Backend::Sqlite => "sqlite".into(),
+            Backend::Redis(redis) => redis.url(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ports {
+    pub cert: SocketAddr,
+    pub reg_tcp: SocketAddr,
+    pub reg_udp: SocketAddr,
+    pub state_tcp: SocketAddr,
+    pub state_udp: SocketAddr,
+}
+
+pub struct Listener {
+    child: Child,
+    pub ports: Ports,
+    pub data_dir: TempDir,
+    store: String,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    _backend: Backend,
+}
+
+/// Which RSA key the data dir starts with.
+#[derive(Debug, Clone, Copy)]
+pub enum Key {
+    /// The upstream capture's 2048-bit key (no key generation in the test).
+    Vector2048,
+    Vector4096,
+    /// Let the listener generate one.
+    Generate,
+}
+
+impl Listener {
+    pub fn start(backend: Backend, key: Key, extra: &[&str]) -> Listener {
+        let data_dir = tempfile::tempdir().expect("temp data dir");
+        let pem = match key {
+            Key::Vector2048 => Some("rsa2048_private_key.pem"),
+            Key::Vector4096 => Some("rsa4096_private_key.pem"),
+            Key::Generate => None,
+        };
+        if let Some(pem) = pem {
+            std::fs::write(data_dir.path().join("rsa_private_key.pem"), vector(pem)).unwrap();
+        }
+        Self::start_in(backend, data_dir, extra)
+    }
+
+    /// Starts on an existing data dir (restart tests).
+    pub fn start_in(backend: Backend, data_dir: TempDir, extra: &[&str]) -> Listener {
+        let store = backend.store_arg();
+        let mut child = Command::new(BIN)
+            .args([
+                "--data-dir",
+                data_dir.path().to_str().unwrap(),
+                "--store",
+                &store,
+                "serve",
+            ])
+            .args(["--bind", "127.0.0.1", "--cert-port", "0", "--reg-port", "0"])
+            .args(["--state-port", "0"])
+            .args(extra)
+            .env("REGISTRAR_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn registrar");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut err_pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let (line_tx, line_rx) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if line.starts_with("registrar listening ") {
+                    let _ = line_tx.send(line);
+                }
+            }
+        });
+        let line = match line_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "registrar did not start; stderr:\n{}",
+                    String::from_utf8_lossy(&stderr.lock().unwrap())
+                );
+            }
+        };
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+                .unwrap_or_else(|| panic!("{key} missing from {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        let ports = Ports {
+            cert: addr("cert_tcp"),
+            reg_tcp: addr("reg_tcp"),
+            reg_udp: addr("reg_udp"),
+            state_tcp: addr("state_tcp"),
+            state_udp: addr("state_udp"),
+        };
+        Listener {
+            child,
+            ports,
+            data_dir,
+            store,
+            stderr,
+            _backend: backend,
+        }
+    }
+
+    /// Everything the listener logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Runs an admin command against this listener's data dir and store.
+    pub fn admin(&self, args: &[&str]) -> Output {
+        admin(self.data_dir.path(), &self.store, args)
+    }
+
+    /// Runs an admin command that must succeed; returns its stdout.
+    pub fn admin_ok(&self, args: &[&str]) -> String {
+        let out = self.admin(args);
+        assert!(
+            out.status.success(),
+            "registrar {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn create_network(&self, network: &str, owner: &str) {
+        self.admin_ok(&["network", "create", network, "--owner", owner]);
+    }
+
+    /// Mints one passphrase and returns it.
+    pub fn add_passphrase(&self, network: &str, node_name: &str) -> String {
+        let out = self.admin_ok(&["passphrase", "add", network, "--node-name", node_name]);
+        out.trim().to_string()
+    }
+
+    pub fn nodes_json(&self) -> Vec<serde_json::Value> {
+        let out = self.admin_ok(&["--json", "node", "list"]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    pub fn node_json(&self, id: uuid::Uuid) -> serde_json::Value {
+        let out = self.admin_ok(&["--json", "node", "show", &id.to_string()]);
+        serde_json::from_str(&out).unwrap()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Stops the listener (SIGKILL) and hands back its data dir and backend.
+    pub fn stop(mut self) -> (TempDir, Backend) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data_dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        let backend = std::mem::replace(&mut self._backend, Backend::Sqlite);
+        (data_dir, backend)
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn admin(data_dir: &Path, store: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(["--data-dir", data_dir.to_str().unwrap(), "--store", store])
+        .args(args)
+        .env("REGISTRAR_LOG", "warn")
+        .output()
+        .expect("run registrar")
+}

@@ -1,0 +1,3 @@
+pub mod ijam_client;
+pub mod listener;
+pub mod redis_server;

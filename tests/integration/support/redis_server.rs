@@ -1,0 +1,142 @@
+//! A private, throwaway `redis-server` per test: its own loopback port and directory,
+//! no persistence, killed on drop. Never the shared server on 6379.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+const INSTALL_HINT: &str = "apt-get install -y redis-server";
+/// How long a fresh server may take to answer PING.
+const READY_WITHIN: Duration = Duration::from_secs(10);
+/// Ports tried before giving up (another process may grab a port between our probe
+/// and redis-server's bind).
+const PORT_ATTEMPTS: usize = 5;
+
+pub struct PrivateRedis {
+    child: Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl PrivateRedis {
+    /// Starts a private server, or returns `None` (after one "skipped" line) when
+    /// `redis-server` is not installed. Under CI (`CI` set) a missing server panics,
+    /// so the Redis half of the suite cannot silently vanish.
+    pub fn start() -> Option<PrivateRedis> {
+        let dir = tempfile::tempdir().expect("temp dir for redis-server");
+        let mut failures = Vec::new();
+        for _ in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            let mut child = match spawn(port, &dir) {
+                Ok(child) => child,
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    if std::env::var_os("CI").is_some() {
+                        panic!("redis-server is not on PATH; install it: {INSTALL_HINT}");
+                    }
+                    println!("skipped: redis-server not on PATH ({INSTALL_HINT})");
+                    return None;
+                }
+                Err(e) => panic!("cannot run redis-server: {e}"),
+            };
+            match wait_ready(&mut child, port) {
+                Ok(()) => return Some(PrivateRedis { child, port, dir }),
+                Err(why) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failures.push(format!("port {port}: {why}{}", server_log(&dir)));
+                }
+            }
+        }
+        panic!("redis-server did not start:\n{}", failures.join("\n"));
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server and starts a new one on the same port (empty: nothing is
+    /// persisted). Clients see their connections drop.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(self.port, &self.dir).expect("redis-server ran a moment ago");
+        if let Err(why) = wait_ready(&mut self.child, self.port) {
+            panic!(
+                "redis-server did not restart on port {}: {why}{}",
+                self.port,
+                server_log(&self.dir)
+            );
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls until the server answers PING, exits, or `READY_WITHIN` passes.
+fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
+    let deadline = Instant::now() + READY_WITHIN;
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            return Err(format!("redis-server exited with {status}"));
+        }
+        if ping(addr) {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no PONG within {READY_WITHIN:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn spawn(port: u16, dir: &TempDir) -> std::io::Result<Child> {
+    Command::new("redis-server")
+        .arg("--port")
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1"])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--logfile")
+        .arg(dir.path().join("redis.log"))
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
+
+/// A port the kernel just handed out; free again once the listener is dropped.
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// The server's log, for failure messages.
+fn server_log(dir: &TempDir) -> String {
+    match std::fs::read_to_string(dir.path().join("redis.log")) {
+        Ok(log) => format!("\nredis.log:\n{log}"),
+        Err(_) => String::new(),
+    }
+}
