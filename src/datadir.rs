@@ -126,7 +126,12 @@ fn write_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
         path: path.into(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    // A name of its own per writer, so two processes racing never share a temp file.
+    let nonce: [u8; 8] = crypto::random().map_err(|source| DataDirError::Key {
+        path: path.into(),
+        source,
+    })?;
+    let tmp = path.with_extension(format!("tmp-{}", hex::encode(nonce)));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)

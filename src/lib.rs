@@ -5,6 +5,7 @@
 //! (sans-I/O frames) → `flow` (business rules) → `crypto` and `store` (core).
 //! Nothing calls upward.
 
+pub mod client;
 pub mod codec;
 pub mod crypto;
 pub mod datadir;

@@ -269,11 +269,14 @@ impl AnyStore {
     pub async fn open(spec: &str, sqlite_path: &std::path::Path) -> Result<Self, StoreError> {
         if spec == "sqlite" {
             Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(sqlite_path)?))
-        } else if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        } else if ["redis://", "rediss://", "redis+unix://"]
+            .iter()
+            .any(|p| spec.starts_with(p))
+        {
             Ok(AnyStore::Redis(redis::RedisStore::connect(spec).await?))
         } else {
             Err(StoreError::Unavailable {
-                url: spec.to_owned(),
+                url: redis::redact_url(spec),
                 cause: "unknown store: use `sqlite` or a redis://host:port/db URL".into(),
             })
         }

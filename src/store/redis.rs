@@ -77,7 +77,15 @@ impl Scripts {
 struct Live {
     conn: MultiplexedConnection,
     generation: u64,
+    /// Set when the connection died and could not be replaced: the next call tries
+    /// again first (at most every `RECONNECT_INTERVAL`), so the first request after
+    /// Redis returns already succeeds.
+    broken_since: Option<std::time::Instant>,
+    last_attempt: Option<std::time::Instant>,
 }
+
+/// During an outage, calls within this interval of a failed reconnect fail at once.
+const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A handle to one Redis server. Small (one pointer), so an enum over stores stays
 /// small too.
@@ -134,6 +142,8 @@ impl RedisStore {
             live: Mutex::new(Live {
                 conn,
                 generation: 0,
+                broken_since: None,
+                last_attempt: None,
             }),
             reconnecting: tokio::sync::Mutex::new(()),
             url: shown,
@@ -146,10 +156,60 @@ impl RedisStore {
 }
 
 impl Inner {
-    /// A clone of the current connection (cheap: a handle to one multiplexed socket).
-    fn conn(&self) -> (MultiplexedConnection, u64) {
+    /// A clone of the current connection (cheap: a handle to one multiplexed socket),
+    /// replacing a broken one first.
+    async fn conn(&self) -> Result<(MultiplexedConnection, u64), StoreError> {
+        {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            if live.broken_since.is_none() {
+                return Ok((live.conn.clone(), live.generation));
+            }
+        }
+        let _one_at_a_time = self.reconnecting.lock().await;
+        let generation = {
+            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            match (live.broken_since, live.last_attempt) {
+                (None, _) => return Ok((live.conn.clone(), live.generation)),
+                (Some(_), Some(t)) if t.elapsed() < RECONNECT_INTERVAL => {
+                    return Err(self.unavailable("connection lost; reconnecting".into()));
+                }
+                _ => live.generation,
+            }
+        };
+        self.reconnect(generation).await?;
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        (live.conn.clone(), live.generation)
+        Ok((live.conn.clone(), live.generation))
+    }
+
+    /// Replaces the connection of `generation` (if no one else did already). Logs one
+    /// line when the store goes away and one when it is back, not one per request.
+    async fn reconnect(&self, generation: u64) -> Result<(), StoreError> {
+        let attempt = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await;
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.generation != generation {
+            return Ok(());
+        }
+        live.last_attempt = Some(std::time::Instant::now());
+        match attempt {
+            Ok(conn) => {
+                if let Some(since) = live.broken_since.take() {
+                    tracing::info!(store = %self.url, down_for = ?since.elapsed(), "store reachable again");
+                }
+                live.conn = conn;
+                live.generation += 1;
+                Ok(())
+            }
+            Err(e) => {
+                if live.broken_since.is_none() {
+                    live.broken_since = Some(std::time::Instant::now());
+                    tracing::error!(store = %self.url, error = %e, "store unavailable; requests get 503 until it is back");
+                }
+                Err(self.unavailable(e.to_string()))
+            }
+        }
     }
 
     /// Turns a Redis error into a `StoreError`. A dead connection (a multiplexed
@@ -161,21 +221,7 @@ impl Inner {
         }
         if err.is_unrecoverable_error() {
             let _one_at_a_time = self.reconnecting.lock().await;
-            let current = self
-                .live
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .generation;
-            if current == generation
-                && let Ok(conn) = self
-                    .client
-                    .get_multiplexed_async_connection_with_config(&self.config)
-                    .await
-            {
-                let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-                live.conn = conn;
-                live.generation += 1;
-            }
+            let _ = self.reconnect(generation).await;
         }
         self.unavailable(err.to_string())
     }
@@ -201,7 +247,7 @@ impl Inner {
         for arg in args {
             invocation.arg(arg);
         }
-        let (mut conn, generation) = self.conn();
+        let (mut conn, generation) = self.conn().await?;
         match invocation.invoke_async::<Vec<String>>(&mut conn).await {
             Ok(reply) if !reply.is_empty() => Ok(reply),
             Ok(_) => Err(StoreError::Corrupt("empty script reply".into())),
@@ -214,7 +260,7 @@ impl Inner {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let (mut conn, generation) = self.conn();
+        let (mut conn, generation) = self.conn().await?;
         match pipe.query_async(&mut conn).await {
             Ok(v) => Ok(v),
             Err(err) => Err(self.fail(err, generation).await),
@@ -643,7 +689,7 @@ fn parse_node(id: Uuid, record: &HashMap<String, String>) -> Result<Node, StoreE
 
 /// `url` with the password replaced by `***`, both in the userinfo
 /// (`redis://user:secret@host`) and in `pass=` / `password=` query parameters.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL the client will accept; show only that much.
         return "<unparsable redis url>".to_owned();

@@ -438,6 +438,14 @@ impl StateCode {
             })
     }
 
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateCode::Offline => "offline",
+            StateCode::Loading => "loading",
+            StateCode::Online => "online",
+        }
+    }
+
     /// The decrypted state block: u32 LE status ‖ xor ‖ 11 × 0x0b.
     pub fn parse_plaintext(block: &[u8]) -> Result<Self, DecodeError> {
         let data = open_checksummed(block)?;

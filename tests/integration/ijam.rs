@@ -606,3 +606,38 @@ fn several_requests_on_one_connection_and_split_writes(backend: &str) {
         assert!(!log.contains(secret.as_str()), "a secret reached the log");
     }
 }
+
+#[test]
+fn a_redis_outage_gets_503_changes_nothing_and_the_listener_recovers() {
+    let Some(mut l) = listener("redis", Key::Vector2048) else {
+        return;
+    };
+    l.create_network("net", "alice");
+    let p = l.add_passphrase("net", "n1");
+    let pk = public_key(l.ports.cert);
+    let key = random_key();
+    let ct = pk
+        .encrypt(&request(None, "net", &p, key).to_bytes())
+        .unwrap();
+
+    l.redis().unwrap().kill();
+    let unavailable = b"\xf7\x01Service unavailable.";
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), unavailable);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), unavailable);
+    let state = state_frame(Uuid::from_bytes([3; 16]), &key, StateCode::Online);
+    assert_eq!(
+        tcp_exchange(l.ports.state_tcp, &state),
+        503u16.to_le_bytes()
+    );
+    assert!(l.is_running());
+
+    // Redis is back (empty: it persists nothing in tests): the listener serves again.
+    l.redis().unwrap().resume();
+    l.create_network("net", "alice");
+    let p = l.add_passphrase("net", "n1");
+    let ct = pk
+        .encrypt(&request(None, "net", &p, key).to_bytes())
+        .unwrap();
+    decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key);
+    assert!(l.log().contains("store_unavailable"));
+}

@@ -2,5 +2,6 @@
 
 mod admin;
 mod ijam;
+mod schemas;
 mod store;
 mod support;

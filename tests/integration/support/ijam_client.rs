@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use registrar::crypto::{self, RsaPublicKey};
 use registrar::wire::ijam::{
-    self, CERT_REQUEST, NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest,
-    StateCode,
+    CERT_REQUEST, NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest, StateCode,
 };
 use uuid::Uuid;
 
@@ -92,22 +91,21 @@ pub fn exchange(transport: Transport, tcp: SocketAddr, udp: SocketAddr, bytes: &
     }
 }
 
-/// Decodes a 200 reply as `ijamreg` does: AES-CBC-decrypt IV ‖ body (48 bytes) with
-/// a zero IV, skip the first (garbage) block, then check padding and XOR checksum.
+/// Decodes a 200 reply as `ijamreg` does (`registrar::client::open_register_reply`).
 pub fn decode_reply_upstream(reply: &[u8], key: &[u8; 32]) -> Uuid {
-    assert_eq!(reply.len(), 50, "reply {reply:02x?}");
-    assert_eq!(&reply[..2], &[0xc8, 0x00], "status 200");
-    let mut blocks = reply[2..50].to_vec();
-    crypto::aes_cbc_decrypt(&NodeKey(*key), [0; 16], &mut blocks);
-    ijam::parse_register_reply_plaintext(&blocks[16..]).expect("reply verifies")
+    assert_eq!(
+        &reply[..2.min(reply.len())],
+        &[0xc8, 0x00],
+        "status 200: {reply:02x?}"
+    );
+    registrar::client::open_register_reply(reply, &NodeKey(*key)).expect("reply verifies")
 }
 
 pub fn state_frame(node_id: Uuid, key: &[u8; 32], code: StateCode) -> Vec<u8> {
     state_frame_from_block(node_id, key, code.plaintext())
 }
 
-pub fn state_frame_from_block(node_id: Uuid, key: &[u8; 32], mut block: [u8; 16]) -> Vec<u8> {
+pub fn state_frame_from_block(node_id: Uuid, key: &[u8; 32], block: [u8; 16]) -> Vec<u8> {
     let iv: [u8; 16] = crypto::random().unwrap();
-    crypto::aes_cbc_encrypt(&NodeKey(*key), iv, &mut block);
-    [node_id.as_bytes().as_slice(), &iv, &block].concat()
+    registrar::client::seal_state_block(node_id, &NodeKey(*key), iv, block).to_vec()
 }

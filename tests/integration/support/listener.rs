@@ -205,6 +205,14 @@ impl Listener {
         serde_json::from_str(&out).unwrap()
     }
 
+    /// The private Redis behind this listener, if it runs on one.
+    pub fn redis(&mut self) -> Option<&mut PrivateRedis> {
+        match &mut self._backend {
+            Backend::Redis(redis) => Some(redis),
+            Backend::Sqlite => None,
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }

@@ -57,6 +57,17 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Kills the server, leaving the port closed until [`PrivateRedis::resume`].
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port after [`PrivateRedis::kill`] (empty).
+    pub fn resume(&mut self) {
+        self.restart();
+    }
+
     /// Kills the server and starts a new one on the same port (empty: nothing is
     /// persisted). Clients see their connections drop.
     pub fn restart(&mut self) {

@@ -1,0 +1,515 @@
+//! End to end: the real `registrar` listener on port 0 and the real `registrar-node`
+//! client, as separate processes over real sockets. Each test owns its listener and
+//! data dir.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+const NODE_BIN: &str = env!("CARGO_BIN_EXE_registrar-node");
+
+/// The listener binary sits next to ours; `cargo test` at the workspace root (or
+/// `cargo build`) puts it there.
+fn registrar_bin() -> PathBuf {
+    let path = Path::new(NODE_BIN).with_file_name("registrar");
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build` first",
+        path.display()
+    );
+    path
+}
+
+struct Listener {
+    child: Child,
+    root: TempDir,
+    cert: SocketAddr,
+    reg: SocketAddr,
+    state: SocketAddr,
+}
+
+impl Listener {
+    fn start() -> Listener {
+        Self::start_with_key("rsa2048_private_key.pem")
+    }
+
+    /// `key`: a private key from the shared vectors, copied into the data dir.
+    fn start_with_key(key: &str) -> Listener {
+        let root = tempfile::tempdir().expect("temp dir");
+        let data = root.path().join("data");
+        fs::create_dir(&data).unwrap();
+        let key = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/vectors/ijam")
+            .join(key);
+        // A known key saves a key generation per test; without it the listener makes one.
+        if key.exists() {
+            fs::copy(&key, data.join("rsa_private_key.pem")).unwrap();
+        }
+        let stderr = fs::File::create(root.path().join("listener.stderr")).unwrap();
+        let mut child = Command::new(registrar_bin())
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["serve", "--bind", "127.0.0.1"])
+            .args(["--cert-port", "0", "--reg-port", "0", "--state-port", "0"])
+            .env("REGISTRAR_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn registrar");
+        let (tx, rx) = mpsc::channel();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        // Keep draining stdout for the child's whole life, so it never blocks on it.
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if line.starts_with("registrar listening ") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "registrar did not start; stderr:\n{}",
+                    fs::read_to_string(root.path().join("listener.stderr")).unwrap_or_default()
+                );
+            }
+        };
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .unwrap_or_else(|| panic!("{key} missing from {line:?}"))
+                .parse()
+                .unwrap()
+        };
+        Listener {
+            cert: addr("cert_tcp"),
+            reg: addr("reg_tcp"),
+            state: addr("state_tcp"),
+            child,
+            root,
+        }
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    /// A path for a node's state file (not created).
+    fn state_file(&self, name: &str) -> PathBuf {
+        self.root.path().join(name)
+    }
+
+    fn admin(&self, args: &[&str]) -> Output {
+        let out = Command::new(registrar_bin())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(args)
+            .output()
+            .expect("run registrar");
+        assert!(
+            out.status.success(),
+            "registrar {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn create_network(&self, network: &str) {
+        self.admin(&["network", "create", network, "--owner", "alice"]);
+    }
+
+    fn passphrase(&self, network: &str, node_name: &str) -> String {
+        let out = self.admin(&["passphrase", "add", network, "--node-name", node_name]);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    fn register(&self, network: &str, passphrase: &str, state_file: &Path, extra: &[&str]) -> Run {
+        node(
+            &[
+                &["ijam", "register", "--server", "127.0.0.1"] as &[&str],
+                &["--cert-port", &self.cert.port().to_string()],
+                &["--reg-port", &self.reg.port().to_string()],
+                &["--network", network, "--passphrase", passphrase],
+                &["--state-file", state_file.to_str().unwrap()],
+                extra,
+            ]
+            .concat(),
+        )
+    }
+
+    fn state(&self, state: &str, state_file: &Path, extra: &[&str]) -> Run {
+        node(
+            &[
+                &["ijam", "state", state, "--server", "127.0.0.1"] as &[&str],
+                &["--state-port", &self.state.port().to_string()],
+                &["--state-file", state_file.to_str().unwrap()],
+                extra,
+            ]
+            .concat(),
+        )
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One finished `registrar-node` run.
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn expect(self, code: i32) -> Run {
+        assert_eq!(
+            self.code, code,
+            "exit code; stdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+fn node(args: &[&str]) -> Run {
+    let out = Command::new(NODE_BIN)
+        .args(args)
+        .env_remove("REGISTRAR_SERVER")
+        .env_remove("REGISTRAR_PASSPHRASE")
+        .env_remove("REGISTRAR_NODE_STATE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run registrar-node");
+    Run {
+        code: out.status.code().expect("exited, not killed"),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn uuid_of(run: &Run) -> String {
+    let id = run.stdout.trim().to_string();
+    let parsed = uuid::Uuid::parse_str(&id).unwrap_or_else(|e| panic!("{id:?}: {e}"));
+    assert_eq!(
+        id,
+        parsed.hyphenated().to_string(),
+        "lower-case, hyphenated"
+    );
+    assert_eq!(run.stdout, format!("{id}\n"), "the id alone on stdout");
+    id
+}
+
+/// The state file: length, mode, checksum (XOR of the 18 words before it), and
+/// (node id, node status).
+fn read_state_file(path: &Path) -> (String, u32) {
+    let bytes = fs::read(path).unwrap();
+    assert_eq!(bytes.len(), 76);
+    let mode = fs::metadata(path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the state file holds the node key");
+    let word = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+    let checksum = (0..18).fold(0, |acc, i| acc ^ word(i));
+    assert_eq!(checksum, word(18), "state file checksum");
+    let id = uuid::Uuid::from_slice(&bytes[..16]).unwrap();
+    (id.to_string(), word(17))
+}
+
+const OFFLINE: u32 = 4;
+const LOADING: u32 = 8;
+const ONLINE: u32 = 16;
+
+#[test]
+fn registers_over_tcp_and_the_listener_knows_the_node() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let pass = l.passphrase("net1", "n1");
+    let file = l.state_file("node.bin");
+    let run = l.register("net1", &pass, &file, &[]).expect(0);
+    let id = uuid_of(&run);
+    assert!(!run.stderr.contains(&pass), "never print the passphrase");
+    let (stored, status) = read_state_file(&file);
+    assert_eq!(stored, id);
+    assert_eq!(status, OFFLINE);
+    let bytes = fs::read(&file).unwrap();
+    assert_eq!(&bytes[16..32], b"net1\0\0\0\0\0\0\0\0\0\0\0\0");
+    assert_eq!(&bytes[64..68], &2u32.to_le_bytes(), "type device");
+
+    let out = l.admin(&["--json", "node", "list"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id.as_str()], "{nodes}");
+}
+
+#[test]
+fn registers_with_an_rsa_4096_key_whose_pem_is_exactly_800_bytes() {
+    let l = Listener::start_with_key("rsa4096_private_key.pem");
+    l.create_network("net1");
+    let file = l.state_file("node.bin");
+    let run = l
+        .register("net1", &l.passphrase("net1", "n1"), &file, &[])
+        .expect(0);
+    assert_eq!(read_state_file(&file).0, uuid_of(&run));
+}
+
+#[test]
+fn registers_over_udp_with_json_output() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let pass = l.passphrase("net1", "n1");
+    let file = l.state_file("node.bin");
+    let run = l
+        .register(
+            "net1",
+            &pass,
+            &file,
+            &["--udp", "--json", "--type", "fog", "--arch", "rpi_linux"],
+        )
+        .expect(0);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(out["status"], 200);
+    let id = out["node_id"].as_str().unwrap();
+    assert_eq!(read_state_file(&file).0, id);
+    let shown = l.admin(&["--json", "node", "show", id]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["node_type"], "fog", "{shown}");
+    assert_eq!(shown["arch"], "rpi_linux", "{shown}");
+}
+
+#[test]
+fn a_used_passphrase_or_unknown_network_exits_3() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let pass = l.passphrase("net1", "n1");
+    l.register("net1", &pass, &l.state_file("a.bin"), &[])
+        .expect(0);
+
+    let again = l
+        .register("net1", &pass, &l.state_file("b.bin"), &[])
+        .expect(3);
+    assert!(
+        again
+            .stderr
+            .contains("error: registration refused: 401 Invalid passphrase. (network \"net1\")"),
+        "{}",
+        again.stderr
+    );
+    assert!(again.stdout.is_empty());
+    assert!(!l.state_file("b.bin").exists(), "no state file on failure");
+
+    let pass2 = l.passphrase("net1", "n2");
+    let unknown = l
+        .register("nosuchnet", &pass2, &l.state_file("c.bin"), &["--json"])
+        .expect(3);
+    assert!(unknown.stderr.contains("401"), "{}", unknown.stderr);
+    let out: serde_json::Value = serde_json::from_str(&unknown.stdout).unwrap();
+    assert_eq!(out["status"], 401);
+    assert_eq!(out["exit_code"], 3);
+    assert!(!unknown.stderr.contains(&pass2) && !unknown.stdout.contains(&pass2));
+}
+
+#[test]
+fn re_registering_with_the_state_file_keeps_the_node_id() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let file = l.state_file("node.bin");
+    let first = l
+        .register("net1", &l.passphrase("net1", "n1"), &file, &[])
+        .expect(0);
+    let key_before = fs::read(&file).unwrap()[32..64].to_vec();
+    let second = l
+        .register("net1", &l.passphrase("net1", "n1b"), &file, &["--udp"])
+        .expect(0);
+    assert_eq!(uuid_of(&first), uuid_of(&second));
+    assert_ne!(
+        fs::read(&file).unwrap()[32..64],
+        key_before,
+        "a fresh node key"
+    );
+    // The new key is the one the server now holds: a state change goes through.
+    l.state("online", &file, &[]).expect(0);
+}
+
+#[test]
+fn state_changes_follow_the_allowed_transitions() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let file = l.state_file("node.bin");
+    l.register("net1", &l.passphrase("net1", "n1"), &file, &[])
+        .expect(0);
+
+    let run = l.state("loading", &file, &[]).expect(6);
+    assert!(
+        run.stderr.contains("state change refused: 403"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read_state_file(&file).1, OFFLINE, "unchanged on refusal");
+
+    let run = l.state("online", &file, &["--json"]).expect(0);
+    assert_eq!(run.stdout.trim(), r#"{"status":200}"#);
+    assert_eq!(read_state_file(&file).1, ONLINE);
+    l.state("loading", &file, &["--udp"]).expect(0);
+    assert_eq!(read_state_file(&file).1, LOADING);
+}
+
+#[test]
+fn unknown_node_is_refused_with_6() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let file = l.state_file("node.bin");
+    l.register("net1", &l.passphrase("net1", "n1"), &file, &[])
+        .expect(0);
+    // Another listener never heard of this node.
+    let other = Listener::start();
+    let run = other.state("online", &file, &[]).expect(6);
+    assert!(run.stderr.contains("404"), "{}", run.stderr);
+}
+
+#[test]
+fn nothing_listening_exits_2() {
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.bin");
+    let port = closed.to_string();
+    let run = node(&[
+        "ijam",
+        "register",
+        "--server",
+        "127.0.0.1",
+        "--cert-port",
+        &port,
+        "--reg-port",
+        &port,
+        "--network",
+        "net1",
+        "--passphrase",
+        "abc123",
+        "--state-file",
+        file.to_str().unwrap(),
+        "--timeout",
+        "2s",
+    ])
+    .expect(2);
+    assert!(run.stderr.starts_with("error: "), "{}", run.stderr);
+    assert!(!run.stderr.contains("abc123"), "never print the passphrase");
+    assert!(!file.exists());
+}
+
+#[test]
+fn a_damaged_or_missing_state_file_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("node.bin");
+    let args = |f: &Path| {
+        [
+            "ijam",
+            "state",
+            "online",
+            "--server",
+            "127.0.0.1",
+            "--state-port",
+            "9",
+            "--state-file",
+        ]
+        .into_iter()
+        .map(String::from)
+        .chain([f.to_str().unwrap().to_string()])
+        .collect::<Vec<_>>()
+    };
+    let run = node(&args(&file).iter().map(String::as_str).collect::<Vec<_>>()).expect(1);
+    assert!(run.stderr.contains("register first"), "{}", run.stderr);
+    fs::write(&file, [0x5au8; 76]).unwrap();
+    let run = node(&args(&file).iter().map(String::as_str).collect::<Vec<_>>()).expect(1);
+    assert!(run.stderr.contains("checksum mismatch"), "{}", run.stderr);
+    // Usage errors exit 1 too (clap's own default would be 2, which means "unreachable").
+    node(&["ijam", "register", "--server", "x"]).expect(1);
+    node(&["--help"]).expect(0);
+}
+
+#[test]
+fn a_lost_udp_reply_is_retried_with_the_same_bytes() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let pass = l.passphrase("net1", "n1");
+    // A relay in front of the registration port that loses the first reply.
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay_port = relay.local_addr().unwrap().port();
+    let server = l.reg;
+    let forwarder = std::thread::spawn(move || {
+        relay
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        upstream.connect(server).unwrap();
+        upstream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 2048];
+        for attempt in 0..2 {
+            let (n, client) = relay.recv_from(&mut buf).unwrap();
+            seen.push(buf[..n].to_vec());
+            upstream.send(&buf[..n]).unwrap();
+            let m = upstream.recv(&mut buf).unwrap();
+            if attempt == 1 {
+                relay.send_to(&buf[..m], client).unwrap();
+            }
+        }
+        seen
+    });
+    let file = l.state_file("node.bin");
+    let relay_port = relay_port.to_string();
+    let run = node(&[
+        "ijam",
+        "register",
+        "--server",
+        "127.0.0.1",
+        "--udp",
+        "--timeout",
+        "500ms",
+        "--cert-port",
+        &l.cert.port().to_string(),
+        "--reg-port",
+        &relay_port,
+        "--network",
+        "net1",
+        "--passphrase",
+        &pass,
+        "--state-file",
+        file.to_str().unwrap(),
+    ])
+    .expect(0);
+    let seen = forwarder.join().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0], seen[1], "the retry resends the same ciphertext");
+    assert!(run.stderr.contains("resending"), "{}", run.stderr);
+    // The server's replay cache answered the retry with the node it created first.
+    let id = uuid_of(&run);
+    assert_eq!(read_state_file(&file).0, id);
+    let out = l.admin(&["--json", "node", "list"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+    assert_eq!(nodes[0]["id"], id.as_str());
+}
