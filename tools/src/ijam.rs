@@ -8,12 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use registrar::crypto::{self, RsaPublicKey};
-use registrar::wire::ijam::{
-    self, CERT_REPLY_MIN_LEN, CERT_REQUEST, NodeKey, RawRegisterReply, RawStateRequest, StateCode,
-    Status,
-};
+use registrar::wire::ijam::{self, CERT_REPLY_MIN_LEN, CERT_REQUEST, NodeKey, StateCode, Status};
 use uuid::Uuid;
-use zerocopy::{FromBytes, IntoBytes};
 
 use crate::exit::{Kind, fail};
 
