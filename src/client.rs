@@ -46,3 +46,38 @@ pub fn seal_state_block(
 pub fn seal_state_request(node_id: Uuid, key: &NodeKey, iv: [u8; 16], code: StateCode) -> [u8; 48] {
     seal_state_block(node_id, key, iv, code.plaintext())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_requests_decrypt_to_their_code() {
+        let key = NodeKey([5; 32]);
+        let frame =
+            seal_state_request(Uuid::from_bytes([3; 16]), &key, [7; 16], StateCode::Loading);
+        let raw = RawStateRequest::ref_from_bytes(&frame).unwrap();
+        assert_eq!((raw.node_id, raw.iv), ([3; 16], [7; 16]));
+        let mut block = raw.body;
+        crypto::aes_cbc_decrypt(&key, raw.iv, &mut block);
+        assert_eq!(StateCode::parse_plaintext(&block), Ok(StateCode::Loading));
+    }
+
+    #[test]
+    fn register_replies_open_only_under_their_key_and_length() {
+        let key = NodeKey([9; 32]);
+        let id = Uuid::from_bytes([0x24; 16]);
+        let mut body = ijam::register_reply_plaintext(id);
+        crypto::aes_cbc_encrypt(&key, [1; 16], &mut body);
+        let reply = ijam::register_reply([1; 16], body);
+        assert_eq!(open_register_reply(&reply, &key), Ok(id));
+        assert!(open_register_reply(&reply, &NodeKey([8; 32])).is_err());
+        assert_eq!(
+            open_register_reply(&reply[..49], &key),
+            Err(DecodeError::Length {
+                expected: 50,
+                got: 49
+            })
+        );
+    }
+}

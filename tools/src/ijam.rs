@@ -455,19 +455,6 @@ mod tests {
     }
 
     #[test]
-    fn state_frames_decrypt_to_the_code() {
-        let key = NodeKey([5; 32]);
-        let id = Uuid::from_bytes([3; 16]);
-        let frame = state_frame(id, &key, StateCode::Loading).unwrap();
-        assert_eq!(frame.len(), ijam::STATE_REQUEST_LEN);
-        let raw = RawStateRequest::ref_from_bytes(&frame).unwrap();
-        assert_eq!(raw.node_id, [3; 16]);
-        let mut block = raw.body;
-        crypto::aes_cbc_decrypt(&key, raw.iv, &mut block);
-        assert_eq!(StateCode::parse_plaintext(&block), Ok(StateCode::Loading));
-    }
-
-    #[test]
     fn reasons_are_printable() {
         assert_eq!(reason_text(b"Invalid passphrase."), "Invalid passphrase.");
         assert_eq!(reason_text(b"a\nb\x00"), "a\\nb\\u{0}");
