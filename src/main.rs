@@ -103,6 +103,17 @@ struct ServeArgs {
     /// dropped (UDP).
     #[arg(long, env = "REGISTRAR_CRYPTO_QUEUE", default_value_t = 1024)]
     crypto_queue: usize,
+    /// Registrations per second allowed per source IP address, sustained (0: no limit).
+    /// Over it a request gets 429 before any RSA work.
+    #[arg(long, env = "REGISTRAR_RATE_PER_SOURCE", default_value_t = 100.0)]
+    rate_per_source: f64,
+    /// Registrations a source may send at once before --rate-per-source applies.
+    #[arg(long, env = "REGISTRAR_BURST", default_value_t = 1000)]
+    burst: u32,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9844; off when
+    /// not given).
+    #[arg(long, env = "REGISTRAR_METRICS_ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
     /// How long a byte-identical retry of a registration gets the same node id back.
     #[arg(long, env = "REGISTRAR_REPLAY_TTL", default_value = "10m", value_parser = humantime::parse_duration)]
     replay_ttl: Duration,
@@ -172,14 +183,31 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     let config = ServerConfig {
         idle_timeout: args.idle_timeout,
         max_connections: args.max_connections,
+        rate_per_source: args.rate_per_source,
+        burst: args.burst,
         ..ServerConfig::default()
     };
     let sockets = IjamSockets::bind(args.bind, args.cert_port, args.reg_port, args.state_port)
         .await
         .with_context(|| format!("cannot bind on {}", args.bind))?;
-    let ports = sockets.describe()?;
-    let server = IjamServer::new(Arc::clone(&flow), pool, config);
+    let mut ports = sockets.describe()?;
     let cancel = CancellationToken::new();
+    if let Some(addr) = args.metrics_addr {
+        let handle = registrar::server::metrics::install().map_err(anyhow::Error::msg)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot bind the metrics listener on {addr}"))?;
+        ports = format!(
+            "{ports} {}",
+            registrar::server::metrics::describe(listener.local_addr()?)
+        );
+        tokio::spawn(registrar::server::metrics::serve(
+            listener,
+            handle,
+            cancel.clone(),
+        ));
+    }
+    let server = IjamServer::new(Arc::clone(&flow), pool, config);
     let tracker = TaskTracker::new();
     server.spawn(sockets, cancel.clone(), &tracker);
     tracker.close();

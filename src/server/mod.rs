@@ -3,6 +3,8 @@
 //!
 //! Only a dead socket ends a listener: a bad peer is logged and dropped.
 
+pub mod admission;
+pub mod metrics;
 pub mod pool;
 
 use std::io;
@@ -24,6 +26,7 @@ use crate::codec::FixedFrameCodec;
 use crate::flow::ijam::{IjamError, IjamFlow, RegisterRandomness};
 use crate::store::Store;
 use crate::wire::ijam::{self, CERT_REQUEST, STATE_REQUEST_LEN};
+use admission::RateLimiter;
 use pool::CryptoPool;
 
 /// Largest UDP datagram we read whole; longer ones are truncated and so rejected.
@@ -40,6 +43,9 @@ pub struct ServerConfig {
     pub max_bad_frames: u32,
     /// UDP requests in flight per port; datagrams beyond it are dropped.
     pub max_udp_in_flight: usize,
+    /// Registrations per second per source address (0: no limit), and the burst.
+    pub rate_per_source: f64,
+    pub burst: u32,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +55,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_bad_frames: 4,
             max_udp_in_flight: 4096,
+            rate_per_source: 100.0,
+            burst: 1000,
         }
     }
 }
@@ -126,6 +134,7 @@ pub struct IjamServer<S> {
     pub pool: CryptoPool,
     pub config: ServerConfig,
     connections: Arc<Semaphore>,
+    limiter: Option<RateLimiter>,
     cert_reply: Bytes,
 }
 
@@ -134,6 +143,7 @@ impl<S: Store> IjamServer<S> {
         let cert_reply = Bytes::from(flow.certificate_reply());
         Arc::new(IjamServer {
             connections: Arc::new(Semaphore::new(config.max_connections)),
+            limiter: RateLimiter::new(config.rate_per_source, config.burst),
             flow,
             pool,
             config,
@@ -158,6 +168,7 @@ impl<S: Store> IjamServer<S> {
         } = sockets;
         let s = Arc::clone(self);
         tracker.spawn(accept_loop(
+            "cert",
             cert,
             Arc::clone(self),
             cancel.clone(),
@@ -169,6 +180,7 @@ impl<S: Store> IjamServer<S> {
         ));
         let s = Arc::clone(self);
         tracker.spawn(accept_loop(
+            "reg",
             reg_tcp,
             Arc::clone(self),
             cancel.clone(),
@@ -180,6 +192,7 @@ impl<S: Store> IjamServer<S> {
         ));
         let s = Arc::clone(self);
         tracker.spawn(accept_loop(
+            "state",
             state_tcp,
             Arc::clone(self),
             cancel.clone(),
@@ -219,11 +232,13 @@ impl<S: Store> IjamServer<S> {
                 }
                 Ok(Ok(_)) => {
                     warn!(flow = "ijam", port = "cert", %peer, "not a certificate request; closing");
+                    metrics::connection_closed("cert", "bad_request");
                     return;
                 }
                 Ok(Err(_)) => return,
                 Err(_) => {
                     debug!(flow = "ijam", port = "cert", %peer, "idle; closing");
+                    metrics::connection_closed("cert", "idle");
                     return;
                 }
             }
@@ -232,16 +247,20 @@ impl<S: Store> IjamServer<S> {
 
     async fn register_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         let frame_len = self.flow.rsa().ciphertext_len();
-        self.frame_loop(stream, peer, frame_len, |s, frame| async move {
+        self.frame_loop(stream, peer, "reg", frame_len, |s, frame| async move {
             s.register_request(frame, peer, "tcp").await
         })
         .await
     }
 
     async fn state_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        self.frame_loop(stream, peer, STATE_REQUEST_LEN, |s, frame| async move {
-            s.state_request(frame, peer, "tcp").await
-        })
+        self.frame_loop(
+            stream,
+            peer,
+            "state",
+            STATE_REQUEST_LEN,
+            |s, frame| async move { Some(s.state_request(frame, peer, "tcp").await) },
+        )
         .await
     }
 
@@ -250,11 +269,12 @@ impl<S: Store> IjamServer<S> {
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
+        port: &'static str,
         len: usize,
         handle: F,
     ) where
         F: Fn(Arc<Self>, Bytes) -> Fut,
-        Fut: Future<Output = (Vec<u8>, bool)>,
+        Fut: Future<Output = Option<(Vec<u8>, bool)>>,
     {
         let _ = stream.set_nodelay(true);
         let mut framed = Framed::new(stream, FixedFrameCodec::new(len));
@@ -264,38 +284,55 @@ impl<S: Store> IjamServer<S> {
                 Ok(Some(Ok(frame))) => frame.freeze(),
                 Ok(Some(Err(_)) | None) => return,
                 Err(_) => {
-                    debug!(%peer, pending = framed.read_buffer().len(), "idle or partial frame; closing");
+                    let pending = framed.read_buffer().len();
+                    debug!(%peer, port, pending, "idle or partial frame; closing");
+                    metrics::connection_closed(
+                        port,
+                        if pending == 0 {
+                            "idle"
+                        } else {
+                            "partial_frame"
+                        },
+                    );
                     return;
                 }
             };
-            let (reply, bad) = handle(Arc::clone(&self), frame).await;
+            let Some((reply, bad)) = handle(Arc::clone(&self), frame).await else {
+                continue;
+            };
             if framed.send(Bytes::from(reply)).await.is_err() {
                 return;
             }
             bad_in_a_row = if bad { bad_in_a_row + 1 } else { 0 };
             if bad_in_a_row >= self.config.max_bad_frames {
-                warn!(%peer, bad_in_a_row, "too many bad frames in a row; closing");
+                warn!(%peer, port, bad_in_a_row, "too many bad frames in a row; closing");
+                metrics::connection_closed(port, "bad_frames");
                 return;
             }
         }
     }
 
-    /// One registration, whatever the transport: the reply bytes, and whether the
-    /// frame was bad (undecryptable or malformed).
+    /// One registration, whatever the transport: the reply bytes and whether the
+    /// frame was bad (undecryptable or malformed); `None` when a UDP request is shed
+    /// (dropped without a reply, as a datagram can be).
     pub async fn register_request(
         &self,
         ciphertext: Bytes,
         peer: SocketAddr,
         transport: &'static str,
-    ) -> (Vec<u8>, bool) {
+    ) -> Option<(Vec<u8>, bool)> {
+        const FLOW: &str = "ijam_register";
         let started = Instant::now();
         let result = async {
+            if let Some(limiter) = &self.limiter
+                && !limiter.admit(peer.ip(), started)
+            {
+                return Err(IjamError::RateLimited);
+            }
             let flow = Arc::clone(&self.flow);
-            let request = self
-                .pool
-                .run(move || flow.open_request(&ciphertext))
-                .await
-                .map_err(|_| IjamError::Overloaded)??;
+            let opened = self.pool.run(move || flow.open_request(&ciphertext)).await;
+            metrics::crypto_queue_depth(self.pool.depth());
+            let request = opened.map_err(|_| IjamError::Overloaded)??;
             let rand = RegisterRandomness::from_os().map_err(IjamError::Crypto)?;
             self.flow
                 .register(&request, now_ms(), rand)
@@ -303,7 +340,8 @@ impl<S: Store> IjamServer<S> {
                 .map(|r| (r, request))
         }
         .await;
-        let latency_us = started.elapsed().as_micros() as u64;
+        let latency = started.elapsed();
+        let latency_us = latency.as_micros() as u64;
         match result {
             Ok(((registered, reply), request)) => {
                 info!(
@@ -313,12 +351,23 @@ impl<S: Store> IjamServer<S> {
                     network = request.network_id.as_str(),
                     latency_us,
                 );
-                (reply.to_vec(), false)
+                metrics::request(FLOW, transport, registered.outcome(), latency);
+                Some((reply.to_vec(), false))
             }
             Err(e) => {
                 log_failure("reg", transport, peer, &e, latency_us);
+                metrics::request(FLOW, transport, e.outcome(), latency);
+                match &e {
+                    IjamError::Overloaded => metrics::shed(FLOW, transport),
+                    IjamError::RateLimited => metrics::rate_limited(FLOW, transport),
+                    IjamError::Store(_) => metrics::store_error(FLOW),
+                    _ => {}
+                }
+                if matches!(e, IjamError::Overloaded) && transport == "udp" {
+                    return None;
+                }
                 let bad = matches!(e, IjamError::Undecryptable | IjamError::Malformed(_));
-                (e.register_reply(), bad)
+                Some((e.register_reply(), bad))
             }
         }
     }
@@ -373,7 +422,17 @@ enum Port {
     State,
 }
 
+impl Port {
+    fn flow(self) -> &'static str {
+        match self {
+            Port::Register => "ijam_register",
+            Port::State => "ijam_state",
+        }
+    }
+}
+
 async fn accept_loop<S, F, Fut>(
+    port: &'static str,
     listener: TcpListener,
     server: Arc<IjamServer<S>>,
     cancel: CancellationToken,
@@ -399,12 +458,15 @@ async fn accept_loop<S, F, Fut>(
             }
         };
         let Ok(permit) = Arc::clone(&server.connections).try_acquire_owned() else {
-            warn!(%peer, max = server.config.max_connections, "connection limit reached; closing");
+            // One line per refusal would flood the log under attack: the metric counts.
+            debug!(%peer, max = server.config.max_connections, "connection limit reached; closing");
+            metrics::connection_refused(port);
             continue;
         };
         let conn = serve(stream, peer);
         let cancel = cancel.clone();
         tracker.spawn(async move {
+            let _open = metrics::OpenConnection::new();
             // Idle connections end with the listener; a request in progress finishes.
             tokio::select! {
                 _ = conn => {}
@@ -439,16 +501,18 @@ async fn udp_loop<S: Store>(
             }
         };
         let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
-            warn!(%peer, "udp requests in flight at their limit; dropping datagram");
+            debug!(%peer, "udp requests in flight at their limit; dropping datagram");
+            metrics::shed(port.flow(), "udp");
             continue;
         };
         let datagram = Bytes::copy_from_slice(&buf[..len]);
         let (server, socket) = (Arc::clone(&server), Arc::clone(&socket));
         tracker.spawn(async move {
-            let (reply, _) = match port {
+            let reply = match port {
                 Port::Register => server.register_request(datagram, peer, "udp").await,
-                Port::State => server.state_request(datagram, peer, "udp").await,
+                Port::State => Some(server.state_request(datagram, peer, "udp").await),
             };
+            let Some((reply, _)) = reply else { return };
             if let Err(e) = socket.send_to(&reply, peer).await {
                 debug!(%peer, error = %e, "udp send failed");
             }

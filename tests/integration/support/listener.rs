@@ -61,6 +61,8 @@ pub struct Listener {
     pub ports: Ports,
     pub data_dir: TempDir,
     store: String,
+    /// The start-up line, `registrar listening …`.
+    line: String,
     stderr: Arc<Mutex<Vec<u8>>>,
     _backend: Backend,
 }
@@ -159,9 +161,20 @@ impl Listener {
             ports,
             data_dir,
             store,
+            line,
             stderr,
             _backend: backend,
         }
+    }
+
+    /// The metrics listener, when started with `--metrics-addr`.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.line.split_whitespace().find_map(|kv| {
+            kv.strip_prefix("metrics=http://")?
+                .strip_suffix("/metrics")?
+                .parse()
+                .ok()
+        })
     }
 
     /// Everything the listener logged so far.

@@ -1,0 +1,148 @@
+//! Prometheus metrics: what happened, by flow, transport and outcome.
+//!
+//! Recording goes through the `metrics` facade (a no-op until a recorder is
+//! installed, so tests and admin commands pay nothing); `serve --metrics-addr` installs
+//! the Prometheus recorder and serves its text at `GET /metrics`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+pub const REQUESTS: &str = "registrar_requests_total";
+pub const LATENCY: &str = "registrar_request_duration_seconds";
+pub const SHED: &str = "registrar_shed_total";
+pub const RATE_LIMITED: &str = "registrar_rate_limited_total";
+pub const STORE_ERRORS: &str = "registrar_store_errors_total";
+pub const CONNECTIONS: &str = "registrar_open_connections";
+pub const CONNECTIONS_REFUSED: &str = "registrar_connections_refused_total";
+pub const CONNECTIONS_CLOSED: &str = "registrar_connections_closed_total";
+pub const CRYPTO_QUEUE: &str = "registrar_crypto_queue_depth";
+
+/// One finished request.
+pub fn request(
+    flow: &'static str,
+    transport: &'static str,
+    outcome: &'static str,
+    latency: Duration,
+) {
+    counter!(REQUESTS, "flow" => flow, "transport" => transport, "outcome" => outcome).increment(1);
+    histogram!(LATENCY, "flow" => flow, "transport" => transport).record(latency.as_secs_f64());
+}
+
+/// A request refused because the crypto queue was full.
+pub fn shed(flow: &'static str, transport: &'static str) {
+    counter!(SHED, "flow" => flow, "transport" => transport).increment(1);
+}
+
+/// A request refused by the per-source token bucket.
+pub fn rate_limited(flow: &'static str, transport: &'static str) {
+    counter!(RATE_LIMITED, "flow" => flow, "transport" => transport).increment(1);
+}
+
+pub fn store_error(flow: &'static str) {
+    counter!(STORE_ERRORS, "flow" => flow).increment(1);
+}
+
+pub fn crypto_queue_depth(depth: usize) {
+    gauge!(CRYPTO_QUEUE).set(depth as f64);
+}
+
+/// A TCP connection refused at accept because `--max-connections` were open.
+pub fn connection_refused(port: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "port" => port).increment(1);
+}
+
+/// Why the server closed a TCP connection (idle, partial frame, bad frames, …).
+pub fn connection_closed(port: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_CLOSED, "port" => port, "reason" => reason).increment(1);
+}
+
+/// Counts an open connection for as long as it lives.
+pub struct OpenConnection;
+
+impl OpenConnection {
+    pub fn new() -> Self {
+        gauge!(CONNECTIONS).increment(1.0);
+        OpenConnection
+    }
+}
+
+impl Default for OpenConnection {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        gauge!(CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Installs the Prometheus recorder (latency as a histogram with buckets from 100 µs
+/// to 10 s) and returns the handle that renders it.
+pub fn install() -> Result<PrometheusHandle, String> {
+    const BUCKETS: &[f64] = &[
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(LATENCY.into()), BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())
+}
+
+/// Serves `GET /metrics` (HTTP/1.0-style: one response, then close) until `cancel`.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, cancel: CancellationToken) {
+    loop {
+        let (mut stream, peer) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+            let Ok(Ok(n)) = read else { return };
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let response = if request.starts_with("GET /metrics ")
+                || request.starts_with("GET /metrics\r")
+            {
+                handle.run_upkeep();
+                let body = handle.render();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                let body = "only GET /metrics is served here\n";
+                format!(
+                    "HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            };
+            if let Err(e) = stream.write_all(response.as_bytes()).await {
+                debug!(%peer, error = %e, "metrics write failed");
+            }
+            let _ = stream.shutdown().await;
+        });
+    }
+}
+
+/// Where the metrics listener is, for the start-up line.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("metrics=http://{addr}/metrics")
+}

@@ -1,0 +1,239 @@
+//! Admission control and metrics, over real sockets: shedding, per-source rate limits,
+//! the connection cap, idle and dribbling peers, and the counters that show them.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::support::ijam_client::*;
+use crate::support::listener::{Backend, Key, Listener};
+
+const BUSY: &[u8] = b"\xf7\x01Server busy.";
+const RATE_LIMITED: &[u8] = b"\xad\x01Too many requests.";
+const REPLY_401: &[u8] = b"\x91\x01Invalid passphrase.";
+
+fn start(extra: &[&str]) -> (Listener, SocketAddr) {
+    let mut args = vec!["--metrics-addr", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let l = Listener::start(Backend::Sqlite, Key::Vector2048, &args);
+    let metrics = l
+        .metrics_addr()
+        .expect("metrics address on the start-up line");
+    (l, metrics)
+}
+
+/// `GET /metrics`, the whole text.
+fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    text
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+fn bogus_request(l: &Listener) -> Vec<u8> {
+    let pk = public_key(l.ports.cert);
+    pk.encrypt(&request(None, "net", "nosuchpass", random_key()).to_bytes())
+        .unwrap()
+}
+
+#[test]
+fn a_full_crypto_queue_sheds_tcp_with_503_and_counts_it() {
+    // One crypto thread and no queue: while it decrypts, every other request is shed.
+    let (l, metrics) = start(&["--crypto-threads", "1", "--crypto-queue", "0"]);
+    let ct = bogus_request(&l);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(64));
+    let handles: Vec<_> = (0..64)
+        .map(|_| {
+            let (ct, barrier, addr) = (ct.clone(), barrier.clone(), l.ports.reg_tcp);
+            std::thread::spawn(move || {
+                let mut stream = connect(addr);
+                barrier.wait();
+                stream.write_all(&ct).unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut reply = Vec::new();
+                stream.read_to_end(&mut reply).unwrap();
+                reply
+            })
+        })
+        .collect();
+    let replies: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let shed = replies.iter().filter(|r| r.as_slice() == BUSY).count();
+    let served = replies.iter().filter(|r| r.as_slice() == REPLY_401).count();
+    assert_eq!(shed + served, 64, "every request gets its reply");
+    assert!(shed > 0 && served > 0, "shed {shed}, served {served}");
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_shed_total{flow=\"ijam_register\",transport=\"tcp\"}"
+        ),
+        shed as f64
+    );
+    // The listener is still there for the next request.
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), REPLY_401);
+}
+
+#[test]
+fn a_source_over_its_budget_gets_429_before_any_rsa_work() {
+    let (l, metrics) = start(&["--rate-per-source", "0.001", "--burst", "2"]);
+    let ct = bogus_request(&l);
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), REPLY_401);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), REPLY_401);
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), RATE_LIMITED);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), RATE_LIMITED);
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_rate_limited_total{flow=\"ijam_register\",transport=\"tcp\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_rate_limited_total{flow=\"ijam_register\",transport=\"udp\"}"
+        ),
+        1.0
+    );
+    // State requests are cheap (no RSA) and are not limited by it.
+    let state = state_frame(
+        uuid::Uuid::from_bytes([1; 16]),
+        &random_key(),
+        registrar::wire::ijam::StateCode::Online,
+    );
+    assert_eq!(
+        tcp_exchange(l.ports.state_tcp, &state),
+        404u16.to_le_bytes()
+    );
+}
+
+#[test]
+fn idle_and_dribbling_connections_are_closed_and_counted() {
+    let (l, metrics) = start(&["--idle-timeout", "1s"]);
+    // Idle: connect and say nothing.
+    let mut idle = connect(l.ports.reg_tcp);
+    let mut buf = Vec::new();
+    assert_eq!(idle.read_to_end(&mut buf).unwrap(), 0);
+
+    // Dribbling: one byte every 100 ms never completes a 256-byte frame in time.
+    let mut dribbler = connect(l.ports.reg_tcp);
+    let mut sent = 0;
+    let closed = loop {
+        if dribbler.write_all(&[0x42]).is_err() {
+            break true;
+        }
+        sent += 1;
+        if sent == 255 {
+            break false;
+        }
+        // The peer's behaviour under test, not synchronisation.
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(closed, "a dribbler got to 255 bytes without being cut off");
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_closed_total{port=\"reg\",reason=\"idle\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_closed_total{port=\"reg\",reason=\"partial_frame\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn connections_over_the_cap_are_closed_at_once_and_counted() {
+    let (l, metrics) = start(&["--max-connections", "2"]);
+    // Two connections, each proven accepted (and holding its permit) by a reply.
+    let mut first = connect(l.ports.reg_tcp);
+    first.write_all(&bogus_request(&l)).unwrap();
+    let mut reply = [0u8; 21];
+    first.read_exact(&mut reply).unwrap();
+    assert_eq!(reply.as_slice(), REPLY_401);
+    let mut second = connect(l.ports.state_tcp);
+    second
+        .write_all(&state_frame(
+            uuid::Uuid::from_bytes([1; 16]),
+            &random_key(),
+            registrar::wire::ijam::StateCode::Online,
+        ))
+        .unwrap();
+    let mut reply = [0u8; 2];
+    second.read_exact(&mut reply).unwrap();
+    assert_eq!(reply, 404u16.to_le_bytes());
+    assert_eq!(sample(&scrape(metrics), "registrar_open_connections"), 2.0);
+    let mut third = connect(l.ports.reg_tcp);
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let _ = third.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    assert!(started.elapsed() < TIMEOUT, "closed, not left hanging");
+    let text = scrape(metrics);
+    assert!(
+        sample(&text, "registrar_connections_refused_total{port=\"reg\"}") >= 1.0,
+        "{text}"
+    );
+    drop((first, second));
+}
+
+#[test]
+fn metrics_count_requests_by_flow_transport_and_outcome() {
+    let (l, metrics) = start(&[]);
+    l.create_network("net", "alice");
+    let p = l.add_passphrase("net", "n1");
+    let pk = public_key(l.ports.cert);
+    let key = random_key();
+    let ct = pk
+        .encrypt(&request(None, "net", &p, key).to_bytes())
+        .unwrap();
+    decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key);
+    decode_reply_upstream(&udp_exchange(l.ports.reg_udp, &ct), &key);
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &bogus_request(&l)), REPLY_401);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &[0; 7]), b"\x90\x01request");
+    let text = scrape(metrics);
+    let series = |transport: &str, outcome: &str| {
+        sample(
+            &text,
+            &format!(
+                "registrar_requests_total{{flow=\"ijam_register\",transport=\"{transport}\",outcome=\"{outcome}\"}}"
+            ),
+        )
+    };
+    assert_eq!(series("tcp", "created"), 1.0);
+    assert_eq!(series("udp", "replayed"), 1.0);
+    assert_eq!(series("tcp", "invalid_passphrase"), 1.0);
+    assert_eq!(series("udp", "undecryptable"), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_request_duration_seconds_count{flow=\"ijam_register\",transport=\"tcp\"}"
+        ),
+        2.0
+    );
+    assert!(text.contains("registrar_crypto_queue_depth"));
+    // Anything but GET /metrics is a 404.
+    let mut stream = TcpStream::connect(metrics).unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+}
