@@ -4,6 +4,7 @@
 
 mod exit;
 mod ijam;
+mod load;
 mod node_file;
 
 use std::path::PathBuf;
@@ -45,6 +46,21 @@ enum Command {
     /// then AES-encrypted state changes.
     #[command(subcommand)]
     Ijam(IjamCommand),
+    /// Load generators for benchmarks: many concurrent clients, a summary at the end.
+    #[command(subcommand)]
+    Load(LoadCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LoadCommand {
+    /// Offer ijam registrations to a listener and report registrations/s, latency
+    /// percentiles (p50/p90/p99/max) and outcome counts by status.
+    ///
+    /// Creates its own network and passphrases through --data-dir/--store (or reads
+    /// --passphrase-file), encrypts every request before the timed window, then runs
+    /// --connections clients for --count requests or --duration, open-loop at --rate
+    /// when given. With --listener-pid it also reports the listener's CPU time.
+    Ijam(load::LoadIjamArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -183,6 +199,10 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Ijam(IjamCommand::Register(args)) => register(args),
         Command::Ijam(IjamCommand::State(args)) => change_state(args),
+        Command::Load(LoadCommand::Ijam(args)) => load::run(args).map(|json| Output {
+            text: Some(load::summary(&json)),
+            json,
+        }),
     };
     match result {
         Ok(out) => {

@@ -513,3 +513,56 @@ fn a_lost_udp_reply_is_retried_with_the_same_bytes() {
     assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
     assert_eq!(nodes[0]["id"], id.as_str());
 }
+
+#[test]
+fn the_load_tool_mints_its_passphrases_registers_them_all_and_reports() {
+    let l = Listener::start();
+    for transport in [&[] as &[&str], &["--udp"]] {
+        let run = node(
+            &[
+                &["--json", "load", "ijam", "--server", "127.0.0.1"] as &[&str],
+                &["--cert-port", &l.cert.port().to_string()],
+                &["--reg-port", &l.reg.port().to_string()],
+                &["--data-dir", l.data_dir().to_str().unwrap()],
+                &["--count", "60", "--connections", "4"],
+                &["--listener-pid", &l.child.id().to_string()],
+                transport,
+            ]
+            .concat(),
+        )
+        .expect(0);
+        let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(report["registrations"], 60, "{report}");
+        assert_eq!(report["outcomes"]["200"], 60, "{report}");
+        assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+        assert!(report["listener_cpu_seconds"].as_f64().is_some());
+        let network = report["network"].as_str().unwrap();
+        let nodes = l.admin(&["--json", "node", "list", "--network", network]);
+        let nodes: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
+        assert_eq!(nodes.len(), 60);
+    }
+    // With the key fetched from the server and a rate: the text summary.
+    let run = node(
+        &[
+            &[
+                "load",
+                "ijam",
+                "--server",
+                "127.0.0.1",
+                "--rsa-key-from-server",
+            ] as &[&str],
+            &["--cert-port", &l.cert.port().to_string()],
+            &["--reg-port", &l.reg.port().to_string()],
+            &["--data-dir", l.data_dir().to_str().unwrap()],
+            &["--count", "20", "--connections", "2", "--rate", "2000"],
+        ]
+        .concat(),
+    )
+    .expect(0);
+    assert!(run.stdout.contains("20 registrations in"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("outcomes by status: 200: 20"),
+        "{}",
+        run.stdout
+    );
+}

@@ -1,0 +1,542 @@
+//! `registrar-node load ijam`: the load generator behind the README's performance
+//! table.
+//!
+//! Everything costly for the client happens before the timed window: it mints its own
+//! network and passphrases through the store (as the admin commands do) or reads a
+//! file of them, and RSA-encrypts every request up front, so that during the window it
+//! only writes ciphertexts and reads replies. Latency is measured from the moment a
+//! request was due (open loop with `--rate`), so a stalled server shows up in the tail
+//! instead of silently slowing the offered load.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use registrar::crypto::{self, RsaKey, RsaPublicKey, passphrase};
+use registrar::datadir::DataDir;
+use registrar::flow::ijam::{
+    REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_RATE_LIMITED, REASON_REQUEST, REASON_UNAVAILABLE,
+};
+use registrar::store::{AnyStore, NewPassphrase, Store};
+use registrar::wire::ijam::{NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+
+#[derive(Args, Debug)]
+pub struct LoadIjamArgs {
+    /// Server host name or IP address.
+    #[arg(long, env = "REGISTRAR_SERVER")]
+    server: String,
+    #[arg(long, default_value_t = 8444)]
+    cert_port: u16,
+    #[arg(long, default_value_t = 8445)]
+    reg_port: u16,
+    /// Concurrent clients, each with its own connection (or UDP socket).
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Offered load in registrations per second across all connections (open loop);
+    /// without it every connection sends its next request as soon as it has a reply.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Run for this long (needs --rate, or mints --max-count passphrases).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "count")]
+    duration: Option<Duration>,
+    /// Send exactly this many registrations.
+    #[arg(long)]
+    count: Option<usize>,
+    /// With --duration and no --rate: how many requests to prepare at most.
+    #[arg(long, default_value_t = 200_000)]
+    max_count: usize,
+    /// Send over UDP: one datagram per request; a request without a reply within
+    /// --timeout counts as `no_reply` (shed requests are dropped by the server).
+    #[arg(long)]
+    udp: bool,
+    /// Fetch the RSA public key from the certificate port instead of reading it from
+    /// --data-dir.
+    #[arg(long)]
+    rsa_key_from_server: bool,
+    /// Data dir shared with the listener (its RSA key and storage key).
+    #[arg(long, env = "REGISTRAR_DATA_DIR", default_value = "./registrar-data")]
+    data_dir: PathBuf,
+    /// The listener's store, where the load network and its passphrases are minted.
+    #[arg(long, env = "REGISTRAR_STORE", default_value = "sqlite")]
+    store: String,
+    /// Use these passphrases (one per line, for --network) instead of minting them.
+    #[arg(long, requires = "network")]
+    passphrase_file: Option<PathBuf>,
+    /// Network of --passphrase-file; without a file a fresh `load-XXXXXXXX` network is made.
+    #[arg(long)]
+    network: Option<String>,
+    /// Per-request reply timeout.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// The listener's process id: report its CPU time (user + sys) over the window.
+    #[arg(long)]
+    listener_pid: Option<u32>,
+}
+
+/// What one request ended as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    Status(u16),
+    BadReply,
+    NoReply,
+    IoError,
+}
+
+impl Outcome {
+    fn name(self) -> String {
+        match self {
+            Outcome::Status(s) => s.to_string(),
+            Outcome::BadReply => "bad_reply".into(),
+            Outcome::NoReply => "no_reply".into(),
+            Outcome::IoError => "io_error".into(),
+        }
+    }
+}
+
+struct Prepared {
+    ciphertext: Vec<u8>,
+    key: NodeKey,
+}
+
+#[derive(Default)]
+struct Tally {
+    outcomes: BTreeMap<Outcome, u64>,
+}
+
+pub fn run(args: &LoadIjamArgs) -> Result<serde_json::Value> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_async(args))
+}
+
+async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
+    let count = match (args.count, args.duration, args.rate) {
+        (Some(n), _, _) => n,
+        (None, Some(d), Some(rate)) => (d.as_secs_f64() * rate).ceil() as usize,
+        (None, Some(_), None) => args.max_count,
+        (None, None, _) => bail!("give --count N or --duration D"),
+    };
+    if count == 0 || args.connections == 0 {
+        bail!("--count and --connections must be at least 1");
+    }
+    let addr = resolve(&args.server, args.reg_port)?;
+    let public_key = if args.rsa_key_from_server {
+        fetch_public_key(&args.server, args.cert_port).await?
+    } else {
+        let data = DataDir::open(&args.data_dir)?;
+        let pem = std::fs::read_to_string(data.rsa_key_path()).with_context(|| {
+            format!(
+                "{}: use --rsa-key-from-server to fetch the key instead",
+                data.rsa_key_path().display()
+            )
+        })?;
+        let key = RsaKey::from_pkcs8_pem(&pem)?;
+        RsaPublicKey::from_pem(key.public_pem().as_bytes())?
+    };
+
+    let (network, passphrases) = match &args.passphrase_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+            let list: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if list.len() < count {
+                bail!(
+                    "{} holds {} passphrases; {count} are needed",
+                    file.display(),
+                    list.len()
+                );
+            }
+            (args.network.clone().expect("clap requires --network"), list)
+        }
+        None => mint(args, count).await?,
+    };
+
+    eprintln!("preparing {count} requests for network {network} …");
+    let prepared = Arc::new(encrypt_all(&public_key, &network, &passphrases[..count])?);
+
+    let progress = ProgressBar::with_draw_target(Some(count as u64), ProgressDrawTarget::stderr());
+    progress.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let cpu_before = args.listener_pid.map(process_cpu_seconds).transpose()?;
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..args.connections {
+        let worker = Worker {
+            addr,
+            udp: args.udp,
+            timeout: args.timeout,
+            rate: args.rate,
+            started,
+            deadline,
+            next: Arc::clone(&next),
+            done: Arc::clone(&done),
+            prepared: Arc::clone(&prepared),
+        };
+        workers.spawn(worker.run());
+    }
+    let ticker = {
+        let (progress, done) = (progress.clone(), Arc::clone(&done));
+        tokio::spawn(async move {
+            loop {
+                progress.set_position(done.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut tally = Tally::default();
+    while let Some(result) = workers.join_next().await {
+        let (h, t) = result??;
+        histogram.add(&h)?;
+        for (k, v) in t.outcomes {
+            *tally.outcomes.entry(k).or_default() += v;
+        }
+    }
+    let elapsed = started.elapsed();
+    ticker.abort();
+    progress.set_position(done.load(Ordering::Relaxed));
+    progress.finish_and_clear();
+    let cpu = match (args.listener_pid, cpu_before) {
+        (Some(pid), Some(before)) => Some(process_cpu_seconds(pid)? - before),
+        _ => None,
+    };
+
+    let sent: u64 = tally.outcomes.values().sum();
+    let ok = tally
+        .outcomes
+        .get(&Outcome::Status(200))
+        .copied()
+        .unwrap_or(0);
+    let secs = elapsed.as_secs_f64();
+    let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
+    let outcomes: serde_json::Map<String, serde_json::Value> = tally
+        .outcomes
+        .iter()
+        .map(|(k, v)| (k.name(), json!(v)))
+        .collect();
+    Ok(json!({
+        "network": network,
+        "transport": if args.udp { "udp" } else { "tcp" },
+        "connections": args.connections,
+        "offered_rate": args.rate,
+        "sent": sent,
+        "registrations": ok,
+        "seconds": secs,
+        "registrations_per_second": ok as f64 / secs,
+        "requests_per_second": sent as f64 / secs,
+        "latency_ms": { "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": histogram.max() as f64 / 1000.0 },
+        "outcomes": outcomes,
+        "listener_cpu_seconds": cpu,
+        "listener_cpu_us_per_registration": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
+    }))
+}
+
+/// The human-readable summary of a `run` result.
+pub fn summary(r: &serde_json::Value) -> String {
+    let outcomes: Vec<String> = r["outcomes"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
+        .unwrap_or_default();
+    let mut text = format!(
+        "{} registrations in {:.2} s over {} {} connections: {:.1} registrations/s\n\
+         latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}\n\
+         outcomes by status: {}",
+        r["registrations"],
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["connections"],
+        r["transport"].as_str().unwrap_or(""),
+        r["registrations_per_second"].as_f64().unwrap_or(0.0),
+        r["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
+        r["latency_ms"]["p90"].as_f64().unwrap_or(0.0),
+        r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
+        r["latency_ms"]["max"].as_f64().unwrap_or(0.0),
+        outcomes.join(", "),
+    );
+    if let (Some(cpu), Some(per)) = (
+        r["listener_cpu_seconds"].as_f64(),
+        r["listener_cpu_us_per_registration"].as_f64(),
+    ) {
+        text.push_str(&format!(
+            "\nlistener CPU: {cpu:.2} s user+sys, {per:.1} µs per registration"
+        ));
+    }
+    text
+}
+
+fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow!("{host}: no address"))
+}
+
+async fn fetch_public_key(host: &str, port: u16) -> Result<RsaPublicKey> {
+    let mut stream = TcpStream::connect(resolve(host, port)?).await?;
+    stream
+        .write_all(&registrar::wire::ijam::CERT_REQUEST)
+        .await?;
+    let mut reply = vec![0u8; registrar::wire::ijam::CERT_REPLY_MIN_LEN];
+    stream.read_exact(&mut reply).await?;
+    Ok(RsaPublicKey::from_pem(&reply)?)
+}
+
+/// A fresh network and `count` passphrases, minted through the store.
+async fn mint(args: &LoadIjamArgs, count: usize) -> Result<(String, Vec<String>)> {
+    let data = DataDir::open(&args.data_dir)?;
+    let store = AnyStore::open(&args.store, &data.sqlite_path()).await?;
+    let storage = data.storage_key()?;
+    let suffix: [u8; 4] = crypto::random()?;
+    let network = format!("load-{}", hex::encode(suffix));
+    let now = registrar::server::now_ms();
+    store
+        .create_network(&network, "load", "load test", now)
+        .await?;
+    eprintln!("minting {count} passphrases in {} …", store.describe());
+    let mut all = Vec::with_capacity(count);
+    for chunk_start in (0..count).step_by(5000) {
+        let n = 5000.min(count - chunk_start);
+        let mut batch = Vec::with_capacity(n);
+        for i in chunk_start..chunk_start + n {
+            let p = passphrase::generate()?;
+            batch.push(NewPassphrase {
+                hash: storage.passphrase_hash(&network, p.expose()),
+                node_name: format!("load-{}", i + 1),
+                expires_ms: None,
+            });
+            all.push(p.expose().to_owned());
+        }
+        store.add_passphrases(&network, batch, now).await?;
+    }
+    Ok((network, all))
+}
+
+/// RSA-encrypts every request, on all cores, before the timed window.
+fn encrypt_all(key: &RsaPublicKey, network: &str, passphrases: &[String]) -> Result<Vec<Prepared>> {
+    let network = NetworkId::new(network).map_err(|e| anyhow!("network {network:?}: {e}"))?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = passphrases.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = passphrases
+            .chunks(chunk.max(1))
+            .map(|part| {
+                let network = network.clone();
+                scope.spawn(move || -> Result<Vec<Prepared>> {
+                    part.iter()
+                        .map(|p| {
+                            let node_key = NodeKey(crypto::random()?);
+                            let request = RegisterRequest {
+                                node_id: None,
+                                network_id: network.clone(),
+                                passphrase: Passphrase::new(p)
+                                    .map_err(|e| anyhow!("passphrase: {e}"))?,
+                                node_key: node_key.clone(),
+                                node_type: NodeType::Device,
+                                node_arch: NodeArch::X86Ubuntu,
+                            };
+                            Ok(Prepared {
+                                ciphertext: key.encrypt(&request.to_bytes())?,
+                                key: node_key,
+                            })
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(passphrases.len());
+        for h in handles {
+            all.extend(
+                h.join()
+                    .map_err(|_| anyhow!("encryption thread panicked"))??,
+            );
+        }
+        Ok(all)
+    })
+}
+
+/// CPU seconds (user + sys) a process has used, from /proc/PID/stat.
+fn process_cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("--listener-pid {pid}: no such process"))?;
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = stat
+        .rsplit_once(") ")
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("odd /proc stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields
+        .get(11)
+        .ok_or_else(|| anyhow!("odd /proc stat"))?
+        .parse()?;
+    let stime: f64 = fields
+        .get(12)
+        .ok_or_else(|| anyhow!("odd /proc stat"))?
+        .parse()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Ok((utime + stime) / 100.0)
+}
+
+struct Worker {
+    addr: SocketAddr,
+    udp: bool,
+    timeout: Duration,
+    rate: Option<f64>,
+    started: Instant,
+    deadline: Option<Instant>,
+    next: Arc<AtomicUsize>,
+    done: Arc<AtomicU64>,
+    prepared: Arc<Vec<Prepared>>,
+}
+
+enum Conn {
+    Tcp(Option<TcpStream>),
+    Udp(UdpSocket),
+}
+
+impl Worker {
+    async fn run(self) -> Result<(Histogram<u64>, Tally)> {
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut tally = Tally::default();
+        let mut conn = if self.udp {
+            let bind: SocketAddr = if self.addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            }
+            .parse()?;
+            let socket = UdpSocket::bind(bind).await?;
+            socket.connect(self.addr).await?;
+            Conn::Udp(socket)
+        } else {
+            Conn::Tcp(None)
+        };
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(request) = self.prepared.get(i) else {
+                break;
+            };
+            let due = match self.rate {
+                Some(rate) => {
+                    let due = self.started + Duration::from_secs_f64(i as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                    due
+                }
+                None => Instant::now(),
+            };
+            if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let outcome = self.exchange(&mut conn, request).await;
+            let latency_us = due.elapsed().as_micros().max(1) as u64;
+            histogram.saturating_record(latency_us);
+            *tally.outcomes.entry(outcome).or_default() += 1;
+            self.done.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((histogram, tally))
+    }
+
+    async fn exchange(&self, conn: &mut Conn, request: &Prepared) -> Outcome {
+        let reply = match conn {
+            Conn::Udp(socket) => {
+                if socket.send(&request.ciphertext).await.is_err() {
+                    return Outcome::IoError;
+                }
+                let mut buf = [0u8; 128];
+                match tokio::time::timeout(self.timeout, socket.recv(&mut buf)).await {
+                    Ok(Ok(n)) => buf[..n].to_vec(),
+                    Ok(Err(_)) => return Outcome::IoError,
+                    Err(_) => return Outcome::NoReply,
+                }
+            }
+            Conn::Tcp(stream) => {
+                if stream.is_none() {
+                    match TcpStream::connect(self.addr).await {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            *stream = Some(s);
+                        }
+                        Err(_) => return Outcome::IoError,
+                    }
+                }
+                let s = stream.as_mut().expect("connected above");
+                match tokio::time::timeout(self.timeout, tcp_exchange(s, &request.ciphertext)).await
+                {
+                    Ok(Ok(reply)) => reply,
+                    Ok(Err(_)) => {
+                        *stream = None;
+                        return Outcome::IoError;
+                    }
+                    Err(_) => {
+                        *stream = None;
+                        return Outcome::NoReply;
+                    }
+                }
+            }
+        };
+        match registrar::wire::ijam::parse_reply_status(&reply) {
+            Ok((status, _)) if status.0 == 200 => {
+                match registrar::client::open_register_reply(&reply, &request.key) {
+                    Ok(_) => Outcome::Status(200),
+                    Err(_) => Outcome::BadReply,
+                }
+            }
+            Ok((status, _)) => Outcome::Status(status.0),
+            Err(_) => Outcome::BadReply,
+        }
+    }
+}
+
+/// One request and its reply on a persistent connection. Error replies carry no
+/// length, so their length comes from the fixed reason texts (schemas/ijam.md).
+async fn tcp_exchange(stream: &mut TcpStream, ciphertext: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.write_all(ciphertext).await?;
+    let mut reply = vec![0u8; 2];
+    stream.read_exact(&mut reply).await?;
+    let status = u16::from_le_bytes([reply[0], reply[1]]);
+    let body = match status {
+        200 => 48,
+        400 => REASON_REQUEST.len(),
+        401 => REASON_INVALID_PASSPHRASE.len(),
+        429 => REASON_RATE_LIMITED.len(),
+        503 => {
+            let mut head = vec![0u8; REASON_BUSY.len()];
+            stream.read_exact(&mut head).await?;
+            reply.extend_from_slice(&head);
+            if head != REASON_BUSY.as_bytes() {
+                let mut tail = vec![0u8; REASON_UNAVAILABLE.len() - REASON_BUSY.len()];
+                stream.read_exact(&mut tail).await?;
+                reply.extend_from_slice(&tail);
+            }
+            return Ok(reply);
+        }
+        _ => 0,
+    };
+    let start = reply.len();
+    reply.resize(start + body, 0);
+    stream.read_exact(&mut reply[start..]).await?;
+    Ok(reply)
+}
