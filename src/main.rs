@@ -207,7 +207,7 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
             cancel.clone(),
         ));
     }
-    let server = IjamServer::new(Arc::clone(&flow), pool, config);
+    let server = IjamServer::new(Arc::clone(&flow), pool, config, cancel.clone());
     let tracker = TaskTracker::new();
     server.spawn(sockets, cancel.clone(), &tracker);
     tracker.close();

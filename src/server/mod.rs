@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -78,7 +78,7 @@ impl IjamSockets {
         reg_port: u16,
         state_port: u16,
     ) -> io::Result<Self> {
-        let cert = TcpListener::bind((ip, cert_port)).await?;
+        let cert = listen(ip, cert_port)?;
         let (reg_tcp, reg_udp) = bind_pair(ip, reg_port).await?;
         let (state_tcp, state_udp) = bind_pair(ip, state_port).await?;
         Ok(IjamSockets {
@@ -103,17 +103,26 @@ impl IjamSockets {
     }
 }
 
+/// A TCP listener with a deep accept backlog, so a burst of thousands of connects is
+/// queued instead of falling back to SYN retries.
+pub(crate) fn listen(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
+    let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind((ip, port).into())?;
+    socket.listen(4096)
+}
+
 /// TCP and UDP on the same port number.
 async fn bind_pair(ip: std::net::IpAddr, port: u16) -> io::Result<(TcpListener, UdpSocket)> {
     if port != 0 {
         return Ok((
-            TcpListener::bind((ip, port)).await?,
+            listen(ip, port)?,
             UdpSocket::bind((ip, port)).await?,
         ));
     }
     let mut last = None;
     for _ in 0..64 {
-        let tcp = TcpListener::bind((ip, 0)).await?;
+        let tcp = listen(ip, 0)?;
         match UdpSocket::bind(tcp.local_addr()?).await {
             Ok(udp) => return Ok((tcp, udp)),
             Err(e) => last = Some(e),
@@ -136,10 +145,18 @@ pub struct IjamServer<S> {
     connections: Arc<Semaphore>,
     limiter: Option<RateLimiter>,
     cert_reply: Bytes,
+    /// Cancelled at shutdown: connections stop reading new requests, but a request
+    /// already read is answered.
+    shutdown: CancellationToken,
 }
 
 impl<S: Store> IjamServer<S> {
-    pub fn new(flow: Arc<IjamFlow<S>>, pool: CryptoPool, config: ServerConfig) -> Arc<Self> {
+    pub fn new(
+        flow: Arc<IjamFlow<S>>,
+        pool: CryptoPool,
+        config: ServerConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
         let cert_reply = Bytes::from(flow.certificate_reply());
         Arc::new(IjamServer {
             connections: Arc::new(Semaphore::new(config.max_connections)),
@@ -148,6 +165,7 @@ impl<S: Store> IjamServer<S> {
             pool,
             config,
             cert_reply,
+            shutdown,
         })
     }
 
@@ -221,9 +239,11 @@ impl<S: Store> IjamServer<S> {
     async fn cert_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
         let mut request = [0u8; 4];
         loop {
-            match tokio::time::timeout(self.config.idle_timeout, stream.read_exact(&mut request))
-                .await
-            {
+            let read = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                read = tokio::time::timeout(self.config.idle_timeout, stream.read_exact(&mut request)) => read,
+            };
+            match read {
                 Ok(Ok(_)) if request == CERT_REQUEST => {
                     info!(flow = "ijam", port = "cert", transport = "tcp", %peer, outcome = "certificate");
                     if stream.write_all(&self.cert_reply).await.is_err() {
@@ -280,7 +300,11 @@ impl<S: Store> IjamServer<S> {
         let mut framed = Framed::new(stream, FixedFrameCodec::new(len));
         let mut bad_in_a_row = 0;
         loop {
-            let frame = match tokio::time::timeout(self.config.idle_timeout, framed.next()).await {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                next = tokio::time::timeout(self.config.idle_timeout, framed.next()) => next,
+            };
+            let frame = match next {
                 Ok(Some(Ok(frame))) => frame.freeze(),
                 Ok(Some(Err(_)) | None) => return,
                 Err(_) => {
@@ -297,6 +321,7 @@ impl<S: Store> IjamServer<S> {
                     return;
                 }
             };
+            debug!(%peer, port, "request received");
             let Some((reply, bad)) = handle(Arc::clone(&self), frame).await else {
                 continue;
             };
@@ -464,14 +489,10 @@ async fn accept_loop<S, F, Fut>(
             continue;
         };
         let conn = serve(stream, peer);
-        let cancel = cancel.clone();
         tracker.spawn(async move {
             let _open = metrics::OpenConnection::new();
-            // Idle connections end with the listener; a request in progress finishes.
-            tokio::select! {
-                _ = conn => {}
-                _ = cancel.cancelled() => {}
-            }
+            // The connection ends itself at shutdown, after answering what it has read.
+            conn.await;
             drop(permit);
         });
     }

@@ -330,3 +330,42 @@ fn help_answers_the_questions_an_operator_has() {
         assert!(help.contains(needle), "{needle} missing from serve --help");
     }
 }
+
+#[test]
+fn sigterm_stops_accepting_answers_what_was_read_and_exits_0() {
+    // RSA-4096 on one crypto thread: 24 requests queue up for tens of milliseconds.
+    let mut l = Listener::start(Backend::Sqlite, Key::Vector4096, &["--crypto-threads", "1"]);
+    let pk = public_key(l.ports.cert);
+    let ct = pk
+        .encrypt(&request(None, "net", "nosuchpass", random_key()).to_bytes())
+        .unwrap();
+    let clients: Vec<_> = (0..24)
+        .map(|_| {
+            let (ct, addr) = (ct.clone(), l.ports.reg_tcp);
+            let mut stream = connect(addr);
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                stream.write_all(&ct).unwrap();
+                let mut reply = Vec::new();
+                let _ = stream.read_to_end(&mut reply);
+                reply
+            })
+        })
+        .collect();
+    // Every request has been read (the listener says so) before the signal.
+    l.wait_for_log_count("request received", 24);
+    l.signal("TERM");
+    let status = l.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", l.log());
+    for c in clients {
+        assert_eq!(
+            c.join().unwrap(),
+            b"\x91\x01Invalid passphrase.",
+            "answered before exit"
+        );
+    }
+    assert!(
+        std::net::TcpStream::connect(l.ports.reg_tcp).is_err(),
+        "no longer accepting"
+    );
+}

@@ -78,9 +78,15 @@ pub struct LoadIjamArgs {
     /// Per-request reply timeout.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// The listener's process id: report its CPU time (user + sys) over the window.
+    /// The listener's process id: report its CPU time (user + sys) over the window and
+    /// its memory (RSS) at the end.
     #[arg(long)]
     listener_pid: Option<u32>,
+    /// Open this many idle TCP connections to the certificate port before the window
+    /// and hold them through it (memory per connection; start the listener with a
+    /// long --idle-timeout).
+    #[arg(long, default_value_t = 0)]
+    idle_connections: usize,
 }
 
 /// What one request ended as.
@@ -178,6 +184,19 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         .expect("valid template")
         .progress_chars("=> "),
     );
+    let mut idle = Vec::with_capacity(args.idle_connections);
+    if args.idle_connections > 0 {
+        let cert = resolve(&args.server, args.cert_port)?;
+        for _ in 0..args.idle_connections {
+            idle.push(
+                TcpStream::connect(cert)
+                    .await
+                    .context("opening idle connections")?,
+            );
+        }
+        eprintln!("holding {} idle connections", idle.len());
+    }
+    let rss_before = args.listener_pid.map(process_rss_kib).transpose()?;
     let cpu_before = args.listener_pid.map(process_cpu_seconds).transpose()?;
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
@@ -224,6 +243,8 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         (Some(pid), Some(before)) => Some(process_cpu_seconds(pid)? - before),
         _ => None,
     };
+    let rss_after = args.listener_pid.map(process_rss_kib).transpose()?;
+    drop(idle);
 
     let sent: u64 = tally.outcomes.values().sum();
     let ok = tally
@@ -252,6 +273,8 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_registration": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
+        "idle_connections": args.idle_connections,
+        "listener_rss_kib": { "before": rss_before, "after": rss_after },
     }))
 }
 
@@ -376,6 +399,17 @@ fn encrypt_all(key: &RsaPublicKey, network: &str, passphrases: &[String]) -> Res
         }
         Ok(all)
     })
+}
+
+/// Resident memory of a process in KiB, from /proc/PID/status.
+fn process_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("--listener-pid {pid}: no such process"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS for process {pid}"))
 }
 
 /// CPU seconds (user + sys) a process has used, from /proc/PID/stat.

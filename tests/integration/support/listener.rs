@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::Duration;
 
 use tempfile::TempDir;
@@ -63,7 +63,8 @@ pub struct Listener {
     store: String,
     /// The start-up line, `registrar listening …`.
     line: String,
-    stderr: Arc<Mutex<Vec<u8>>>,
+    /// Everything logged so far, and a signal for each new chunk.
+    stderr: Arc<(Mutex<Vec<u8>>, Condvar)>,
     _backend: Backend,
 }
 
@@ -110,7 +111,7 @@ impl Listener {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn registrar");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let mut err_pipe = child.stderr.take().unwrap();
         let sink = Arc::clone(&stderr);
         std::thread::spawn(move || {
@@ -119,7 +120,8 @@ impl Listener {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+                sink.0.lock().unwrap().extend_from_slice(&buf[..n]);
+                sink.1.notify_all();
             }
         });
         let (line_tx, line_rx) = mpsc::channel();
@@ -138,7 +140,7 @@ impl Listener {
                 let _ = child.wait();
                 panic!(
                     "registrar did not start; stderr:\n{}",
-                    String::from_utf8_lossy(&stderr.lock().unwrap())
+                    String::from_utf8_lossy(&stderr.0.lock().unwrap())
                 );
             }
         };
@@ -179,7 +181,7 @@ impl Listener {
 
     /// Everything the listener logged so far.
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+        String::from_utf8_lossy(&self.stderr.0.lock().unwrap()).into_owned()
     }
 
     /// Runs an admin command against this listener's data dir and store.
@@ -224,6 +226,37 @@ impl Listener {
             Backend::Redis(redis) => Some(redis),
             Backend::Sqlite => None,
         }
+    }
+
+    /// Blocks until `needle` appears `count` times in the log (bounded: panics after
+    /// a minute, printing the log).
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (log, grew) = &*self.stderr;
+        let mut log = log.lock().unwrap();
+        while String::from_utf8_lossy(&log).matches(needle).count() < count {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{needle:?} ×{count} never logged:\n{}",
+                String::from_utf8_lossy(&log)
+            );
+            log = grew.wait_timeout(log, left).unwrap().0;
+        }
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `KILL`) to the listener.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the listener to exit by itself.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("wait for registrar")
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Reproduces the README's ijam performance rows on this machine, each in the same
+# sitting as its bound.
+#
+#   tools/perf/ijam.sh BITS STORE TRANSPORT [COUNT] [extra load args…]
+#     BITS       2048 | 4096
+#     STORE      sqlite | redis      (redis: a private redis-server on a free port)
+#     TRANSPORT  tcp | udp
+#
+# Prints: the bound (openssl speed sign/s × cores, and the aws-lc-rs criterion figure
+# if target/criterion holds one), the load tool's JSON summary, and the listener's CPU
+# efficiency (single-core RSA decryption time ÷ listener CPU time per registration).
+# Needs `cargo build --release` first. Traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+bits=${1:?bits}; store=${2:?store}; transport=${3:?transport}; count=${4:-60000}
+shift $(( $# < 4 ? $# : 4 ))
+bin=target/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+cores=$(nproc)
+sign=$(openssl speed -seconds 3 "rsa$bits" 2>/dev/null | awk -v b="$bits" '$1=="rsa" && $2==b" bits" || $1=="rsa" && $2==b {print $(NF-1)}' | tail -1)
+echo "bound: openssl speed rsa$bits: $sign sign/s per core × $cores cores"
+
+store_arg=sqlite
+if [ "$store" = redis ]; then
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --save "" --appendonly no --daemonize no >"$work/redis.log" 2>&1 &
+    pids+=($!)
+    until redis-cli -p "$port" ping >/dev/null 2>&1; do :; done
+    store_arg="redis://127.0.0.1:$port/"
+fi
+
+"$bin/registrar" --data-dir "$work/data" --store "$store_arg" serve --bind 127.0.0.1 \
+    --cert-port 0 --reg-port 0 --state-port 0 --rsa-bits "$bits" --rate-per-source 0 \
+    --crypto-queue 4096 >"$work/listener.out" 2>"$work/listener.err" &
+listener=$!
+pids+=("$listener")
+until grep -q '^registrar listening' "$work/listener.out"; do
+    kill -0 "$listener" || { cat "$work/listener.err"; exit 1; }
+    sleep 0.1
+done
+line=$(grep '^registrar listening' "$work/listener.out")
+reg=$(sed -E 's/.* reg_tcp=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
+cert=$(sed -E 's/.* cert_tcp=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
+udp=(); [ "$transport" = udp ] && udp=(--udp)
+
+REGISTRAR_LOG=warn "$bin/registrar-node" --json load ijam --server 127.0.0.1 \
+    --cert-port "$cert" --reg-port "$reg" --data-dir "$work/data" --store "$store_arg" \
+    --count "$count" --connections 64 --listener-pid "$listener" "${udp[@]}" "$@" | tee "$work/report.json"
+python3 - "$work/report.json" "$sign" "$cores" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1])); sign = float(sys.argv[2]); cores = int(sys.argv[3])
+bound = sign * cores
+per_reg = r.get("listener_cpu_us_per_registration")
+print(f"throughput {r['registrations_per_second']:.0f}/s = {r['registrations_per_second']/bound:.2f} of bound {bound:.0f}/s")
+if per_reg:
+    print(f"listener CPU {per_reg:.1f} µs/registration; efficiency vs openssl {1e6/sign/per_reg:.2f}")
+EOF
+echo "listener RSS: $(awk '/VmRSS/{print $2, $3}' /proc/$listener/status)"
