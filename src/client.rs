@@ -1,5 +1,8 @@
 //! The node side of the ijam flow, sans-I/O: what `registrar-node` and the test
 //! suites send and how they read replies. Kept here so there is one implementation.
+//! The device side of the envelope and the pubkey flow lives in [`pubkey`].
+
+pub mod pubkey;
 
 use uuid::Uuid;
 use zerocopy::{FromBytes, IntoBytes};

@@ -3,6 +3,7 @@
 //! ```text
 //! <data-dir>/rsa_private_key.pem   PKCS#8 PEM, mode 0600, made on first `serve`
 //! <data-dir>/storage.key           32 random bytes as hex, mode 0600, made on first use
+//! <data-dir>/signing_key.pem       ECDSA P-256, PKCS#8 PEM, mode 0600, made on first `serve`
 //! <data-dir>/registrar.sqlite      the embedded store (+ -wal, -shm)
 //! ```
 //! Listeners sharing one Redis must share the two key files as well.
@@ -12,6 +13,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::crypto::ecdsa::SigningKey;
 use crate::crypto::{self, CryptoError, RsaKey, StorageKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,41 @@ impl DataDir {
 
     pub fn sqlite_path(&self) -> PathBuf {
         self.root.join("registrar.sqlite")
+    }
+
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.root.join("signing_key.pem")
+    }
+
+    /// Loads the server's ECDSA P-256 signing key (published by the envelope's core
+    /// Hello), or generates one if there is none yet.
+    pub fn signing_key(&self) -> Result<(SigningKey, KeyOrigin), DataDirError> {
+        let path = self.signing_key_path();
+        let key_err = |source| DataDirError::Key {
+            path: path.clone(),
+            source,
+        };
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok((
+                SigningKey::from_pkcs8_pem(&text).map_err(key_err)?,
+                KeyOrigin::Loaded,
+            )),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let key = SigningKey::generate().map_err(key_err)?;
+                let pem = key.to_pkcs8_pem().map_err(key_err)?;
+                match write_secret(&path, pem.as_bytes()) {
+                    Ok(()) => Ok((key, KeyOrigin::Generated)),
+                    // Another listener on this data dir made it first: use theirs.
+                    Err(DataDirError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::AlreadyExists =>
+                    {
+                        self.signing_key()
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(source) => Err(DataDirError::Io { path, source }),
+        }
     }
 
     /// Loads the RSA key, or generates one of `bits` if there is none yet.
@@ -177,5 +214,16 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let s2 = data.storage_key().unwrap();
         assert_eq!(s1.passphrase_hash("n", "p"), s2.passphrase_hash("n", "p"));
+
+        let (signing, origin) = data.signing_key().unwrap();
+        assert_eq!(origin, KeyOrigin::Generated);
+        let mode = fs::metadata(data.signing_key_path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (again, origin) = data.signing_key().unwrap();
+        assert_eq!(origin, KeyOrigin::Loaded);
+        assert_eq!(again.public_key_der(), signing.public_key_der());
     }
 }

@@ -14,6 +14,7 @@ use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
 use registrar::datadir::{DataDir, KeyOrigin};
 use registrar::flow::ijam::IjamFlow;
+use registrar::server::envelope::{EnvelopeServer, EnvelopeSockets};
 use registrar::server::pool::CryptoPool;
 use registrar::server::{IjamServer, IjamSockets, ServerConfig};
 use registrar::store::{AnyStore, Store};
@@ -68,6 +69,9 @@ enum Command {
     /// List, inspect and revoke registered nodes.
     #[command(subcommand)]
     Node(admin::NodeCommand),
+    /// List, inspect and revoke the devices of the pubkey flow (envelope port).
+    #[command(subcommand)]
+    Device(admin::DeviceCommand),
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +88,14 @@ struct ServeArgs {
     /// State port (TCP and UDP). 0 picks a free port.
     #[arg(long, env = "REGISTRAR_STATE_PORT", default_value_t = 8446)]
     state_port: u16,
+    /// Envelope port (TCP and UDP) of the pubkey flow and core Hello. 0 picks a free port.
+    #[arg(long, env = "REGISTRAR_ENVELOPE_PORT", default_value_t = 8447)]
+    envelope_port: u16,
+    /// Largest envelope payload accepted, in bytes (the declared length in the frame
+    /// header); a frame declaring more gets 400 and its TCP connection is closed.
+    #[arg(long, env = "REGISTRAR_MAX_FRAME", default_value_t = registrar::wire::envelope::DEFAULT_MAX_PAYLOAD,
+          value_parser = clap::value_parser!(u32).range(256..=1_048_576))]
+    max_frame: u32,
     /// RSA modulus size, used only when the key is first generated.
     #[arg(long, env = "REGISTRAR_RSA_BITS", default_value_t = 2048,
           value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"])
@@ -103,6 +115,12 @@ struct ServeArgs {
     /// dropped (UDP).
     #[arg(long, env = "REGISTRAR_CRYPTO_QUEUE", default_value_t = 1024)]
     crypto_queue: usize,
+    /// Sojourn-time target of the crypto queue: when every request has waited longer
+    /// than this for 100 ms, late requests are shed (503 on TCP, dropped on UDP) until
+    /// one is on time again, so admitted requests keep their latency under sustained
+    /// overload while a short burst is served in full. 0 disables.
+    #[arg(long, env = "REGISTRAR_MAX_QUEUE_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
+    max_queue_wait: Duration,
     /// Registrations per second allowed per source IP address, sustained (0: no limit).
     /// Over it a request gets 429 before any RSA work.
     #[arg(long, env = "REGISTRAR_RATE_PER_SOURCE", default_value_t = 100.0)]
@@ -145,6 +163,7 @@ fn main() -> ExitCode {
             Command::Network(cmd) => admin::network(&cli.common, cmd).await,
             Command::Passphrase(cmd) => admin::passphrase(&cli.common, cmd).await,
             Command::Node(cmd) => admin::node(&cli.common, cmd).await,
+            Command::Device(cmd) => admin::device(&cli.common, cmd).await,
         }
     });
     match result {
@@ -172,14 +191,18 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     let flow = Arc::new(IjamFlow::new(
         rsa,
         storage,
-        store,
+        Arc::clone(&store),
         args.replay_ttl.as_millis() as i64,
     ));
     let threads = args
         .crypto_threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let pool =
-        CryptoPool::new(threads, args.crypto_queue).context("cannot start the crypto pool")?;
+    let pool = CryptoPool::new(
+        threads,
+        args.crypto_queue,
+        Some(args.max_queue_wait).filter(|w| !w.is_zero()),
+    )
+    .context("cannot start the crypto pool")?;
     let config = ServerConfig {
         idle_timeout: args.idle_timeout,
         max_connections: args.max_connections,
@@ -190,7 +213,14 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     let sockets = IjamSockets::bind(args.bind, args.cert_port, args.reg_port, args.state_port)
         .await
         .with_context(|| format!("cannot bind on {}", args.bind))?;
-    let mut ports = sockets.describe()?;
+    let envelope_sockets = EnvelopeSockets::bind(args.bind, args.envelope_port)
+        .await
+        .with_context(|| format!("cannot bind the envelope port on {}", args.bind))?;
+    let mut ports = format!("{} {}", sockets.describe()?, envelope_sockets.describe()?);
+    let (signing, signing_origin) = data.signing_key()?;
+    if signing_origin == KeyOrigin::Generated {
+        info!(path = %data.signing_key_path().display(), "generated a new ECDSA P-256 signing key");
+    }
     let cancel = CancellationToken::new();
     if let Some(addr) = args.metrics_addr {
         let handle = registrar::server::metrics::install().map_err(anyhow::Error::msg)?;
@@ -207,9 +237,19 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
             cancel.clone(),
         ));
     }
+    let envelope = EnvelopeServer::build(
+        store,
+        data.storage_key()?,
+        &signing,
+        pool.clone(),
+        config.clone(),
+        args.max_frame,
+        cancel.clone(),
+    );
     let server = IjamServer::new(Arc::clone(&flow), pool, config, cancel.clone());
     let tracker = TaskTracker::new();
     server.spawn(sockets, cancel.clone(), &tracker);
+    envelope.spawn(envelope_sockets, &tracker);
     tracker.close();
 
     info!(store = %store_url, rsa_bits = flow.rsa().bits(), crypto_threads = threads, "registrar started");

@@ -2,6 +2,7 @@
 //! the server's RSA-OAEP key, the ijam AES-256-CBC node format, and the storage key
 //! that hashes passphrases and seals node keys at rest.
 
+pub mod ecdsa;
 pub mod passphrase;
 
 use std::fmt;
@@ -231,6 +232,7 @@ pub struct StorageKey {
     passphrase: hmac::Key,
     replay: hmac::Key,
     seal: aead::LessSafeKey,
+    challenge: hmac::Key,
 }
 
 impl fmt::Debug for StorageKey {
@@ -258,7 +260,20 @@ impl StorageKey {
                 derive(b"registrar/storage/replay/v1").as_ref(),
             ),
             seal: aead::LessSafeKey::new(seal),
+            challenge: hmac::Key::new(
+                hmac::HMAC_SHA256,
+                derive(b"registrar/storage/pubkey-challenge/v1").as_ref(),
+            ),
         }
+    }
+
+    /// HMAC-SHA256 under the challenge sub-key: the tag of a stateless pubkey nonce
+    /// (`flow::pubkey`), so every listener sharing the storage key can check it.
+    pub fn challenge_tag(&self, data: &[u8]) -> [u8; 32] {
+        hmac::sign(&self.challenge, data)
+            .as_ref()
+            .try_into()
+            .expect("SHA-256 is 32 bytes")
     }
 
     /// The stored form of a passphrase: bound to its network, so the same word in two

@@ -4,6 +4,7 @@
 //! Only a dead socket ends a listener: a bad peer is logged and dropped.
 
 pub mod admission;
+pub mod envelope;
 pub mod metrics;
 pub mod pool;
 
@@ -30,7 +31,7 @@ use admission::RateLimiter;
 use pool::CryptoPool;
 
 /// Largest UDP datagram we read whole; longer ones are truncated and so rejected.
-const MAX_DATAGRAM: usize = 65_536;
+pub(crate) const MAX_DATAGRAM: usize = 65_536;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -106,19 +107,23 @@ impl IjamSockets {
 /// A TCP listener with a deep accept backlog, so a burst of thousands of connects is
 /// queued instead of falling back to SYN retries.
 pub(crate) fn listen(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
-    let socket = if ip.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind((ip, port).into())?;
     socket.listen(4096)
 }
 
 /// TCP and UDP on the same port number.
-async fn bind_pair(ip: std::net::IpAddr, port: u16) -> io::Result<(TcpListener, UdpSocket)> {
+pub(crate) async fn bind_pair(
+    ip: std::net::IpAddr,
+    port: u16,
+) -> io::Result<(TcpListener, UdpSocket)> {
     if port != 0 {
-        return Ok((
-            listen(ip, port)?,
-            UdpSocket::bind((ip, port)).await?,
-        ));
+        return Ok((listen(ip, port)?, UdpSocket::bind((ip, port)).await?));
     }
     let mut last = None;
     for _ in 0..64 {
@@ -431,8 +436,9 @@ fn log_failure(
     latency_us: u64,
 ) {
     match e {
-        // Store trouble is the operator's concern; the rest is the peer's.
-        IjamError::Store(_) | IjamError::Crypto(_) => {
+        // The store's comings and goings are logged once per change by the store; a
+        // crypto failure is the operator's concern; the rest is the peer's.
+        IjamError::Crypto(_) => {
             warn!(flow = "ijam", port, transport, %peer, outcome = e.outcome(), error = %e, latency_us)
         }
         _ => {

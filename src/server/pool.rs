@@ -1,14 +1,46 @@
 //! The crypto pool: private-key operations run on dedicated threads, never on the
 //! tokio reactor, fed by a bounded queue. A full queue sheds the request at once.
+//!
+//! Under sustained overload a bounded queue alone still lets every admitted request
+//! wait the whole queue out. So the pool also sheds by sojourn time, as CoDel does:
+//! when every request has waited longer than `target` for a whole `INTERVAL`, requests
+//! that waited longer than `target` are shed at their turn (cheaply, without the
+//! private-key work) until one comes through within it. A burst that drains within
+//! the interval (a fleet powering on) is served in full; a standing queue is not.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 type Task = Box<dyn FnOnce() + Send>;
+
+/// How long the queue may stand above the target before shedding starts.
+pub const INTERVAL: Duration = Duration::from_millis(100);
+
+/// The sojourn-time controller shared by the workers.
+#[derive(Debug)]
+struct Sojourn {
+    target: Duration,
+    /// When the current run of over-target waits started, if one is running.
+    above_since: Mutex<Option<Instant>>,
+}
+
+impl Sojourn {
+    /// Whether a task that waited `waited` should be shed now.
+    fn shed(&self, waited: Duration, now: Instant) -> bool {
+        let mut above_since = self.above_since.lock().unwrap_or_else(|e| e.into_inner());
+        if waited <= self.target {
+            *above_since = None;
+            return false;
+        }
+        let since = *above_since.get_or_insert(now);
+        now.duration_since(since) >= INTERVAL
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("crypto queue full")]
@@ -18,11 +50,13 @@ pub struct Overloaded;
 pub struct CryptoPool {
     queue: SyncSender<Task>,
     depth: Arc<AtomicUsize>,
+    sojourn: Option<Arc<Sojourn>>,
 }
 
 impl CryptoPool {
-    /// `threads` workers (normally one per core) behind a queue of `capacity` tasks.
-    pub fn new(threads: usize, capacity: usize) -> std::io::Result<Self> {
+    /// `threads` workers (normally one per core) behind a queue of `capacity` tasks;
+    /// with a `target`, a standing queue is shed by sojourn time (module docs).
+    pub fn new(threads: usize, capacity: usize, target: Option<Duration>) -> std::io::Result<Self> {
         let (queue, tasks) = mpsc::sync_channel::<Task>(capacity);
         let tasks = Arc::new(Mutex::new(tasks));
         for i in 0..threads.max(1) {
@@ -43,6 +77,12 @@ impl CryptoPool {
         Ok(CryptoPool {
             queue,
             depth: Arc::new(AtomicUsize::new(0)),
+            sojourn: target.map(|target| {
+                Arc::new(Sojourn {
+                    target,
+                    above_since: Mutex::new(None),
+                })
+            }),
         })
     }
 
@@ -60,12 +100,19 @@ impl CryptoPool {
         let (done, result) = oneshot::channel();
         let depth = Arc::clone(&self.depth);
         depth.fetch_add(1, Ordering::Relaxed);
+        let (enqueued, sojourn) = (Instant::now(), self.sojourn.clone());
         let task: Task = Box::new(move || {
-            let _ = done.send(work());
+            let now = Instant::now();
+            let outcome = if sojourn.is_some_and(|s| s.shed(now.duration_since(enqueued), now)) {
+                Err(Overloaded)
+            } else {
+                Ok(work())
+            };
+            let _ = done.send(outcome);
             depth.fetch_sub(1, Ordering::Relaxed);
         });
         match self.queue.try_send(task) {
-            Ok(()) => result.await.map_err(|_| Overloaded),
+            Ok(()) => result.await.unwrap_or(Err(Overloaded)),
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.depth.fetch_sub(1, Ordering::Relaxed);
                 Err(Overloaded)
@@ -80,7 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn runs_work_off_the_reactor_and_sheds_when_full() {
-        let pool = CryptoPool::new(1, 1).unwrap();
+        let pool = CryptoPool::new(1, 1, None).unwrap();
         assert_eq!(pool.run(|| 6 * 7).await, Ok(42));
 
         // Block the only worker, fill the one queue slot, and the next task is shed.
@@ -106,5 +153,33 @@ mod tests {
         assert_eq!(first.await.unwrap(), Ok(()));
         assert_eq!(queued.await.unwrap(), Ok(1));
         assert_eq!(pool.depth(), 0);
+    }
+
+    #[test]
+    fn a_burst_is_served_but_a_standing_queue_is_shed_until_a_request_is_on_time() {
+        let s = Sojourn {
+            target: Duration::from_millis(20),
+            above_since: Mutex::new(None),
+        };
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        // A burst: waits above target, but for less than one interval.
+        assert!(!s.shed(ms(30), t0));
+        assert!(!s.shed(ms(60), t0 + ms(50)));
+        assert!(!s.shed(ms(5), t0 + ms(90)), "on time again: the run ends");
+        // A standing queue: above target for a whole interval, then shed.
+        assert!(!s.shed(ms(30), t0 + ms(200)));
+        assert!(!s.shed(ms(40), t0 + ms(250)));
+        assert!(s.shed(ms(50), t0 + ms(300)));
+        assert!(s.shed(ms(25), t0 + ms(301)));
+        // The first request within target is served and ends the shedding.
+        assert!(!s.shed(ms(10), t0 + ms(302)));
+        assert!(!s.shed(ms(25), t0 + ms(303)));
+    }
+
+    #[tokio::test]
+    async fn a_pool_with_a_target_runs_work_that_is_on_time() {
+        let pool = CryptoPool::new(1, 4, Some(Duration::from_millis(20))).unwrap();
+        assert_eq!(pool.run(|| 5).await, Ok(5));
     }
 }

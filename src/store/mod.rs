@@ -1,4 +1,5 @@
-//! Persistent state: networks, one-time passphrases, nodes, and the replay cache.
+//! Persistent state: networks, one-time passphrases, nodes, and the replay cache of
+//! the `ijam` flow; devices and used challenge nonces of the `pubkey` flow.
 //!
 //! Every operation a flow needs is ONE atomic call (a Lua script on Redis, one
 //! transaction on SQLite), so two listeners racing for the same passphrase get
@@ -17,6 +18,8 @@ use std::future::Future;
 
 use serde::Serialize;
 use uuid::Uuid;
+
+use crate::wire::pubkey::{DeviceId, Nonce};
 
 /// Errors of the store layer. `Unavailable` is the only one a flow turns into a
 /// 503 reply; the others are admin-facing.
@@ -38,6 +41,8 @@ pub enum StoreError {
     UnknownPassphraseName { network: String, node_name: String },
     #[error("node {0} does not exist")]
     UnknownNode(Uuid),
+    #[error("device {0} does not exist")]
+    UnknownDevice(DeviceId),
     /// The store holds data this version cannot read (hand-edited, or newer schema).
     #[error("corrupt store record: {0}")]
     Corrupt(String),
@@ -198,6 +203,80 @@ pub enum TransitionOutcome {
     UnknownNode,
 }
 
+/// Whether a device's key binding stands. Revocation is final for that id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceStatus {
+    Active,
+    Revoked,
+}
+
+impl DeviceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceStatus::Active => "active",
+            DeviceStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => DeviceStatus::Active,
+            "revoked" => DeviceStatus::Revoked,
+            _ => return None,
+        })
+    }
+}
+
+/// A device of the `pubkey` flow: a device id bound to a P-256 public key for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub id: DeviceId,
+    /// SubjectPublicKeyInfo DER of the device's key, as registered; kept after
+    /// revocation, for audit.
+    pub public_key: Vec<u8>,
+    pub status: DeviceStatus,
+    pub registered_ms: i64,
+    /// The last successful attestation; 0 before the first.
+    pub attested_ms: i64,
+    pub attestations: u64,
+    /// 0 unless revoked.
+    pub revoked_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceRegisterOutcome {
+    /// The id was free: it is now bound to the key.
+    Created,
+    /// The id was already bound to this same key; nothing changed.
+    SameKey,
+    /// The id is bound to another key; nothing changed.
+    OtherKey,
+    /// The id was revoked; nothing changed.
+    Revoked,
+}
+
+/// Everything the atomic attestation step needs; built by `flow::pubkey` after the
+/// nonce's tag, its age and the signature were checked.
+#[derive(Debug, Clone, Copy)]
+pub struct AttestOp {
+    pub device: DeviceId,
+    pub nonce: Nonce,
+    pub now_ms: i64,
+    /// Until when the used nonce must be remembered (past its validity on every
+    /// listener); `> now_ms`.
+    pub nonce_expires_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttestOutcome {
+    /// The nonce was fresh: it is now used, and the device's attestation recorded.
+    Attested,
+    NonceUsed,
+    Revoked,
+    UnknownDevice,
+}
+
 /// One trait, two implementations, one conformance suite (`tests/integration/store.rs`).
 pub trait Store: Send + Sync + 'static {
     /// A URL-ish description for error messages (never includes a password).
@@ -256,6 +335,34 @@ pub trait Store: Send + Sync + 'static {
     /// Status `revoked`, key erased; later state requests get 403 and a registration
     /// naming this id gets a fresh one.
     fn revoke_node(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Binds `public_key` (SPKI DER) to `id` if the id is free; otherwise reports
+    /// whether it is bound to the same key, another key, or revoked. Never overwrites.
+    fn register_device(
+        &self,
+        id: DeviceId,
+        public_key: &[u8],
+        now_ms: i64,
+    ) -> impl Future<Output = Result<DeviceRegisterOutcome, StoreError>> + Send;
+    fn device(
+        &self,
+        id: DeviceId,
+    ) -> impl Future<Output = Result<Option<Device>, StoreError>> + Send;
+    /// All devices, by (registered_ms, id).
+    fn devices(&self) -> impl Future<Output = Result<Vec<Device>, StoreError>> + Send;
+    /// Checks the device is known and not revoked, marks the nonce used (once, ever,
+    /// until `nonce_expires_ms`) and records the attestation, atomically.
+    fn attest_device(
+        &self,
+        op: AttestOp,
+    ) -> impl Future<Output = Result<AttestOutcome, StoreError>> + Send;
+    /// Status `revoked` (the key is kept for audit); every later request naming the id
+    /// gets 403. Revoking twice is fine; an unknown id is `UnknownDevice`.
+    fn revoke_device(
+        &self,
+        id: DeviceId,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// The store a listener or admin command was configured with (`--store`).
@@ -345,5 +452,25 @@ impl Store for AnyStore {
     }
     async fn revoke_node(&self, id: Uuid) -> Result<(), StoreError> {
         delegate!(self, s => s.revoke_node(id).await)
+    }
+    async fn register_device(
+        &self,
+        id: DeviceId,
+        public_key: &[u8],
+        now_ms: i64,
+    ) -> Result<DeviceRegisterOutcome, StoreError> {
+        delegate!(self, s => s.register_device(id, public_key, now_ms).await)
+    }
+    async fn device(&self, id: DeviceId) -> Result<Option<Device>, StoreError> {
+        delegate!(self, s => s.device(id).await)
+    }
+    async fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        delegate!(self, s => s.devices().await)
+    }
+    async fn attest_device(&self, op: AttestOp) -> Result<AttestOutcome, StoreError> {
+        delegate!(self, s => s.attest_device(op).await)
+    }
+    async fn revoke_device(&self, id: DeviceId, now_ms: i64) -> Result<(), StoreError> {
+        delegate!(self, s => s.revoke_device(id, now_ms).await)
     }
 }

@@ -9,7 +9,7 @@
 //! arrive as decimal argument strings and are stored verbatim.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
@@ -17,9 +17,11 @@ use redis::{AsyncConnectionConfig, Client, FromRedisValue, RedisError, Script};
 use uuid::Uuid;
 
 use super::{
-    Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp, RegisterOutcome,
-    SealedNodeKey, Store, StoreError, TransitionOutcome,
+    AttestOp, AttestOutcome, Device, DeviceRegisterOutcome, DeviceStatus, Network, NewPassphrase,
+    Node, NodeStatus, PendingPassphrase, RegisterOp, RegisterOutcome, SealedNodeKey, Store,
+    StoreError, TransitionOutcome,
 };
+use crate::wire::pubkey::DeviceId;
 
 /// How long one command may wait for its reply before the store reports `Unavailable`.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -50,6 +52,15 @@ fn node_key(id: Uuid) -> String {
     format!("rg:{{node:{}}}", id.hyphenated())
 }
 
+const DEVICES_KEY: &str = "rg:devices";
+
+fn device_key(id: DeviceId) -> String {
+    format!("rg:{{dev:{id}}}")
+}
+fn used_nonce_key(id: DeviceId, nonce: &[u8]) -> String {
+    format!("rg:{{dev:{id}}}:nonce:{}", hex::encode(nonce))
+}
+
 struct Scripts {
     create_network: Script,
     add_passphrases: Script,
@@ -57,6 +68,9 @@ struct Scripts {
     register: Script,
     transition: Script,
     revoke_node: Script,
+    register_device: Script,
+    attest_device: Script,
+    revoke_device: Script,
 }
 
 impl Scripts {
@@ -68,6 +82,9 @@ impl Scripts {
             register: Script::new(include_str!("redis/register.lua")),
             transition: Script::new(include_str!("redis/transition.lua")),
             revoke_node: Script::new(include_str!("redis/revoke_node.lua")),
+            register_device: Script::new(include_str!("redis/register_device.lua")),
+            attest_device: Script::new(include_str!("redis/attest_device.lua")),
+            revoke_device: Script::new(include_str!("redis/revoke_device.lua")),
         }
     }
 }
@@ -77,27 +94,26 @@ impl Scripts {
 struct Live {
     conn: MultiplexedConnection,
     generation: u64,
-    /// Set when the connection died and could not be replaced: the next call tries
-    /// again first (at most every `RECONNECT_INTERVAL`), so the first request after
-    /// Redis returns already succeeds.
+    /// Set while the connection is dead and could not be replaced: calls fail at once
+    /// (503) while a background task reconnects every `RECONNECT_INTERVAL`.
     broken_since: Option<std::time::Instant>,
-    last_attempt: Option<std::time::Instant>,
+    /// A background reconnect task is running.
+    healing: bool,
 }
 
-/// During an outage, calls within this interval of a failed reconnect fail at once.
+/// How often the background task retries during an outage.
 const RECONNECT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A handle to one Redis server. Small (one pointer), so an enum over stores stays
 /// small too.
 pub struct RedisStore {
-    inner: Box<Inner>,
+    inner: Arc<Inner>,
 }
 
 struct Inner {
     client: Client,
     config: AsyncConnectionConfig,
     live: Mutex<Live>,
-    reconnecting: tokio::sync::Mutex<()>,
     /// The URL with any password redacted; the only form that reaches logs and errors.
     url: String,
     scripts: Scripts,
@@ -143,56 +159,38 @@ impl RedisStore {
                 conn,
                 generation: 0,
                 broken_since: None,
-                last_attempt: None,
+                healing: false,
             }),
-            reconnecting: tokio::sync::Mutex::new(()),
             url: shown,
             scripts: Scripts::new(),
         };
         Ok(RedisStore {
-            inner: Box::new(inner),
+            inner: Arc::new(inner),
         })
     }
 }
 
 impl Inner {
-    /// A clone of the current connection (cheap: a handle to one multiplexed socket),
-    /// replacing a broken one first.
-    async fn conn(&self) -> Result<(MultiplexedConnection, u64), StoreError> {
-        {
-            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            if live.broken_since.is_none() {
-                return Ok((live.conn.clone(), live.generation));
-            }
-        }
-        let _one_at_a_time = self.reconnecting.lock().await;
-        let generation = {
-            let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            match (live.broken_since, live.last_attempt) {
-                (None, _) => return Ok((live.conn.clone(), live.generation)),
-                (Some(_), Some(t)) if t.elapsed() < RECONNECT_INTERVAL => {
-                    return Err(self.unavailable("connection lost; reconnecting".into()));
-                }
-                _ => live.generation,
-            }
-        };
-        self.reconnect(generation).await?;
+    /// A clone of the current connection (cheap: a handle to one multiplexed socket);
+    /// during an outage, `Unavailable` at once.
+    fn conn(&self) -> Result<(MultiplexedConnection, u64), StoreError> {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        Ok((live.conn.clone(), live.generation))
+        match live.broken_since {
+            None => Ok((live.conn.clone(), live.generation)),
+            Some(_) => Err(self.unavailable("connection lost; reconnecting".into())),
+        }
     }
 
-    /// Replaces the connection of `generation` (if no one else did already). Logs one
-    /// line when the store goes away and one when it is back, not one per request.
-    async fn reconnect(&self, generation: u64) -> Result<(), StoreError> {
+    /// Replaces the connection of `generation` (if no one else did already).
+    async fn reconnect(&self, generation: u64) -> bool {
         let attempt = self
             .client
             .get_multiplexed_async_connection_with_config(&self.config)
             .await;
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         if live.generation != generation {
-            return Ok(());
+            return true;
         }
-        live.last_attempt = Some(std::time::Instant::now());
         match attempt {
             Ok(conn) => {
                 if let Some(since) = live.broken_since.take() {
@@ -200,28 +198,49 @@ impl Inner {
                 }
                 live.conn = conn;
                 live.generation += 1;
-                Ok(())
+                true
             }
             Err(e) => {
                 if live.broken_since.is_none() {
                     live.broken_since = Some(std::time::Instant::now());
                     tracing::error!(store = %self.url, error = %e, "store unavailable; requests get 503 until it is back");
                 }
-                Err(self.unavailable(e.to_string()))
+                false
             }
         }
     }
 
     /// Turns a Redis error into a `StoreError`. A dead connection (a multiplexed
-    /// connection never heals itself) is replaced, once, for the calls that follow;
-    /// the failed call itself is not retried (a script may or may not have run).
-    async fn fail(&self, err: RedisError, generation: u64) -> StoreError {
+    /// connection never heals itself) is replaced at once if Redis answers; if not,
+    /// a background task keeps trying, so the first request after Redis returns is
+    /// served. The failed call itself is not retried (a script may or may not have run).
+    /// Logs one line when the store goes away and one when it is back.
+    async fn fail(self: &Arc<Self>, err: RedisError, generation: u64) -> StoreError {
         if err.code() == Some(CORRUPT_CODE) {
             return StoreError::Corrupt(err.detail().unwrap_or_default().to_owned());
         }
-        if err.is_unrecoverable_error() {
-            let _one_at_a_time = self.reconnecting.lock().await;
-            let _ = self.reconnect(generation).await;
+        if err.is_unrecoverable_error() && !self.reconnect(generation).await {
+            let start_healing = {
+                let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+                !std::mem::replace(&mut live.healing, true)
+            };
+            if start_healing {
+                let inner = Arc::clone(self);
+                tokio::spawn(async move {
+                    loop {
+                        tokio::time::sleep(RECONNECT_INTERVAL).await;
+                        let generation = inner
+                            .live
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .generation;
+                        if inner.reconnect(generation).await {
+                            inner.live.lock().unwrap_or_else(|e| e.into_inner()).healing = false;
+                            return;
+                        }
+                    }
+                });
+            }
         }
         self.unavailable(err.to_string())
     }
@@ -235,7 +254,7 @@ impl Inner {
 
     /// Runs `script` with `keys` and `args`; the reply is a tag and its operands.
     async fn run(
-        &self,
+        self: &Arc<Self>,
         script: &Script,
         keys: &[String],
         args: &[String],
@@ -247,7 +266,7 @@ impl Inner {
         for arg in args {
             invocation.arg(arg);
         }
-        let (mut conn, generation) = self.conn().await?;
+        let (mut conn, generation) = self.conn()?;
         match invocation.invoke_async::<Vec<String>>(&mut conn).await {
             Ok(reply) if !reply.is_empty() => Ok(reply),
             Ok(_) => Err(StoreError::Corrupt("empty script reply".into())),
@@ -257,10 +276,10 @@ impl Inner {
 
     /// Runs a read-only pipeline.
     async fn query<T: redis::FromRedisValue>(
-        &self,
+        self: &Arc<Self>,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let (mut conn, generation) = self.conn().await?;
+        let (mut conn, generation) = self.conn()?;
         match pipe.query_async(&mut conn).await {
             Ok(v) => Ok(v),
             Err(err) => Err(self.fail(err, generation).await),
@@ -269,7 +288,7 @@ impl Inner {
 
     /// Reads the node records of `ids`, skipping ids whose record is gone, sorted by
     /// (created_ms, id).
-    async fn read_nodes(&self, ids: Vec<Uuid>) -> Result<Vec<Node>, StoreError> {
+    async fn read_nodes(self: &Arc<Self>, ids: Vec<Uuid>) -> Result<Vec<Node>, StoreError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -599,6 +618,108 @@ impl Store for RedisStore {
             _ => Err(unexpected("revoke_node", &reply)),
         }
     }
+    async fn register_device(
+        &self,
+        id: DeviceId,
+        public_key: &[u8],
+        now_ms: i64,
+    ) -> Result<DeviceRegisterOutcome, StoreError> {
+        let reply = self
+            .inner
+            .run(
+                &self.inner.scripts.register_device,
+                &[device_key(id), DEVICES_KEY.to_owned()],
+                &[id.to_hex(), hex::encode(public_key), now_ms.to_string()],
+            )
+            .await?;
+        match tag(&reply) {
+            "created" => Ok(DeviceRegisterOutcome::Created),
+            "same_key" => Ok(DeviceRegisterOutcome::SameKey),
+            "other_key" => Ok(DeviceRegisterOutcome::OtherKey),
+            "revoked" => Ok(DeviceRegisterOutcome::Revoked),
+            _ => Err(unexpected("register_device", &reply)),
+        }
+    }
+
+    async fn device(&self, id: DeviceId) -> Result<Option<Device>, StoreError> {
+        let (record,): (HashMap<String, String>,) = self
+            .inner
+            .query(redis::pipe().hgetall(device_key(id)))
+            .await?;
+        if record.is_empty() {
+            return Ok(None);
+        }
+        parse_device(id, &record).map(Some)
+    }
+
+    async fn devices(&self) -> Result<Vec<Device>, StoreError> {
+        let (members,): (Vec<String>,) = self
+            .inner
+            .query(redis::pipe().smembers(DEVICES_KEY))
+            .await?;
+        let mut ids = members
+            .iter()
+            .map(|m| {
+                DeviceId::from_hex(m)
+                    .map_err(|_| StoreError::Corrupt(format!("device id {m:?} in {DEVICES_KEY}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        ids.sort();
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.hgetall(device_key(*id));
+        }
+        let records: Vec<HashMap<String, String>> = self.inner.query(&pipe).await?;
+        let mut devices = Vec::with_capacity(ids.len());
+        for (id, record) in ids.into_iter().zip(records) {
+            if !record.is_empty() {
+                devices.push(parse_device(id, &record)?);
+            }
+        }
+        devices.sort_by_key(|d| (d.registered_ms, d.id));
+        Ok(devices)
+    }
+
+    async fn attest_device(&self, op: AttestOp) -> Result<AttestOutcome, StoreError> {
+        let ttl_ms = (op.nonce_expires_ms - op.now_ms).max(1);
+        let reply = self
+            .inner
+            .run(
+                &self.inner.scripts.attest_device,
+                &[
+                    device_key(op.device),
+                    used_nonce_key(op.device, &op.nonce.0),
+                ],
+                &[op.now_ms.to_string(), ttl_ms.to_string()],
+            )
+            .await?;
+        match tag(&reply) {
+            "attested" => Ok(AttestOutcome::Attested),
+            "used" => Ok(AttestOutcome::NonceUsed),
+            "revoked" => Ok(AttestOutcome::Revoked),
+            "unknown" => Ok(AttestOutcome::UnknownDevice),
+            _ => Err(unexpected("attest_device", &reply)),
+        }
+    }
+
+    async fn revoke_device(&self, id: DeviceId, now_ms: i64) -> Result<(), StoreError> {
+        let reply = self
+            .inner
+            .run(
+                &self.inner.scripts.revoke_device,
+                &[device_key(id)],
+                &[now_ms.to_string()],
+            )
+            .await?;
+        match tag(&reply) {
+            "ok" => Ok(()),
+            "unknown" => Err(StoreError::UnknownDevice(id)),
+            _ => Err(unexpected("revoke_device", &reply)),
+        }
+    }
 }
 
 fn tag(reply: &[String]) -> &str {
@@ -684,6 +805,23 @@ fn parse_node(id: Uuid, record: &HashMap<String, String>) -> Result<Node, StoreE
         created_ms: int_field(&what, record, "created_ms")?,
         registered_ms: int_field(&what, record, "registered_ms")?,
         online_ms: int_field(&what, record, "online_ms")?,
+    })
+}
+
+fn parse_device(id: DeviceId, record: &HashMap<String, String>) -> Result<Device, StoreError> {
+    let what = format!("device {id}");
+    let status = field(&what, record, "status")?;
+    let key = field(&what, record, "public_key")?;
+    Ok(Device {
+        id,
+        public_key: hex::decode(key)
+            .map_err(|_| StoreError::Corrupt(format!("{what}: public_key is not hex")))?,
+        status: DeviceStatus::parse(status)
+            .ok_or_else(|| StoreError::Corrupt(format!("{what}: status {status:?}")))?,
+        registered_ms: int_field(&what, record, "registered_ms")?,
+        attested_ms: int_field(&what, record, "attested_ms")?,
+        attestations: int_field(&what, record, "attestations")? as u64,
+        revoked_ms: int_field(&what, record, "revoked_ms")?,
     })
 }
 

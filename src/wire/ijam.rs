@@ -374,6 +374,12 @@ pub fn register_reply_plaintext(node_id: Uuid) -> [u8; 32] {
 
 /// The node id inside a decrypted 200 reply body.
 pub fn parse_register_reply_plaintext(plain: &[u8]) -> Result<Uuid, DecodeError> {
+    if plain.len() != 32 {
+        return Err(DecodeError::Length {
+            expected: 32,
+            got: plain.len(),
+        });
+    }
     let data = open_checksummed(plain)?;
     let id: [u8; 16] = data.try_into().map_err(|_| DecodeError::Length {
         expected: 16,
@@ -448,6 +454,12 @@ impl StateCode {
 
     /// The decrypted state block: u32 LE status ‖ xor ‖ 11 × 0x0b.
     pub fn parse_plaintext(block: &[u8]) -> Result<Self, DecodeError> {
+        if block.len() != AES_BLOCK {
+            return Err(DecodeError::Length {
+                expected: AES_BLOCK,
+                got: block.len(),
+            });
+        }
         let data = open_checksummed(block)?;
         let code: [u8; 4] = data.try_into().map_err(|_| DecodeError::Length {
             expected: 4,
@@ -662,5 +674,69 @@ mod tests {
         assert_eq!(&reply[2..18], &[0xa5; 16]);
         assert_eq!(&reply[18..], &[0x5a; 32]);
         assert_eq!(CERT_REQUEST, [0x3f, 0x4d, 0x12, 0x8c]);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn network() -> impl Strategy<Value = NetworkId> {
+        "[!-~]{1,16}".prop_map(|s| NetworkId::new(&s).unwrap())
+    }
+
+    fn passphrase() -> impl Strategy<Value = Passphrase> {
+        "[0-9A-Za-z]{1,16}".prop_map(|s| Passphrase::new(&s).unwrap())
+    }
+
+    fn request() -> impl Strategy<Value = RegisterRequest> {
+        (
+            any::<[u8; 16]>(),
+            network(),
+            passphrase(),
+            any::<[u8; 32]>(),
+            prop::sample::select(NodeType::ALL.to_vec()),
+            prop::sample::select(NodeArch::ALL.to_vec()),
+        )
+            .prop_map(|(id, network_id, passphrase, key, node_type, node_arch)| {
+                RegisterRequest {
+                    node_id: Some(Uuid::from_bytes(id)).filter(|u| !u.is_nil()),
+                    network_id,
+                    passphrase,
+                    node_key: NodeKey(key),
+                    node_type,
+                    node_arch,
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn register_requests_round_trip(req in request()) {
+            prop_assert_eq!(RegisterRequest::parse(&req.to_bytes()), Ok(req));
+        }
+
+        #[test]
+        fn parsing_arbitrary_bytes_never_panics_and_reencodes_exactly(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            if let Ok(req) = RegisterRequest::parse(&bytes) {
+                let again = req.to_bytes();
+                prop_assert_eq!(again.as_slice(), bytes.as_slice());
+            }
+            let _ = StateCode::parse_plaintext(&bytes);
+            let _ = parse_register_reply_plaintext(&bytes);
+            let _ = parse_reply_status(&bytes);
+        }
+
+        #[test]
+        fn reply_plaintexts_round_trip(id in any::<[u8; 16]>()) {
+            let id = Uuid::from_bytes(id);
+            prop_assert_eq!(parse_register_reply_plaintext(&register_reply_plaintext(id)), Ok(id));
+        }
+
+        #[test]
+        fn state_plaintexts_round_trip(code in prop::sample::select(StateCode::ALL.to_vec())) {
+            prop_assert_eq!(StateCode::parse_plaintext(&code.plaintext()), Ok(code));
+        }
     }
 }

@@ -1,7 +1,10 @@
 //! Sans-I/O wire formats: zerocopy views and checked messages. No sockets, no store,
 //! no clock; every decoder takes a byte slice and returns a typed error.
 
+pub mod core;
+pub mod envelope;
 pub mod ijam;
+pub mod pubkey;
 
 /// Why bytes failed to decode. Small, `Copy`, never allocates, carries the offending value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -19,4 +22,16 @@ pub enum DecodeError {
     Padding(u8),
     #[error("checksum {got:#04x} does not match {expected:#04x}")]
     Checksum { expected: u8, got: u8 },
+    #[error("magic {got:02x?} is not \"RG\"")]
+    Magic { got: [u8; 2] },
+    #[error("version {got} is not supported")]
+    Version { got: u8 },
+    #[error("declared payload length {len} exceeds the maximum {max}")]
+    TooLong { len: u32, max: u32 },
+    #[error("CRC-32C {got:#010x} does not match {expected:#010x}")]
+    Crc { expected: u32, got: u32 },
+    #[error("{field}: invalid")]
+    Invalid { field: &'static str },
+    #[error("{field}: {value} is not known")]
+    Unknown { field: &'static str, value: u32 },
 }

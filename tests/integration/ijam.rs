@@ -631,8 +631,10 @@ fn a_redis_outage_gets_503_changes_nothing_and_the_listener_recovers() {
     );
     assert!(l.is_running());
 
-    // Redis is back (empty: it persists nothing in tests): the listener serves again.
+    // Redis is back (empty: it persists nothing in tests): the listener reconnects by
+    // itself (and says so once), then serves again.
     l.redis().unwrap().resume();
+    l.wait_for_log_count("store reachable again", 1);
     l.create_network("net", "alice");
     let p = l.add_passphrase("net", "n1");
     let ct = pk

@@ -2,7 +2,10 @@
 
 mod admin;
 mod admission;
+mod envelope;
+mod faults;
 mod ijam;
 mod schemas;
+mod soak;
 mod store;
 mod support;

@@ -36,7 +36,7 @@ if [ "$store" = redis ]; then
 fi
 
 "$bin/registrar" --data-dir "$work/data" --store "$store_arg" serve --bind 127.0.0.1 \
-    --cert-port 0 --reg-port 0 --state-port 0 --rsa-bits "$bits" --rate-per-source 0 \
+    --cert-port 0 --reg-port 0 --state-port 0 --envelope-port 0 --rsa-bits "$bits" --rate-per-source 0 \
     --crypto-queue 4096 >"$work/listener.out" 2>"$work/listener.err" &
 listener=$!
 pids+=("$listener")

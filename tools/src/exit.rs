@@ -12,11 +12,15 @@ Exit codes:
   0  success
   1  usage or local error (bad arguments, unreadable or damaged state file)
   2  server unreachable, connection refused, or no reply in time
-  3  registration refused: 401 invalid passphrase or unknown network
+  3  credential refused: 401 invalid passphrase or unknown network (ijam),
+     bad signature or nonce (pubkey attest)
   4  request refused: 400 bad request (or another 4xx)
   5  server busy or unavailable: 503, 429 (or another 5xx)
   6  state change refused: 403 transition not allowed, 404 unknown node
-  7  reply failed verification (bad length, padding or checksum)";
+  7  reply failed verification (bad length, padding or checksum; not a frame,
+     or not the reply to our request)
+  8  device locked (pubkey): register got 403 (id bound to another key, or
+     revoked) or 400 (key, id or signature refused); attest got 403 (revoked)";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -27,6 +31,7 @@ pub enum Kind {
     Busy = 5,
     StateRefused = 6,
     BadReply = 7,
+    Locked = 8,
 }
 
 impl Kind {
@@ -40,12 +45,19 @@ impl Kind {
 pub enum Port {
     Register,
     State,
+    /// pubkey Register on the envelope port.
+    PubkeyRegister,
+    /// pubkey Challenge and Attest on the envelope port.
+    PubkeyAttest,
 }
 
 /// The exit class of a non-200 status.
 pub fn kind_of_status(status: Status, port: Port) -> Kind {
     match (status, port) {
         (Status::UNAUTHORIZED, _) => Kind::Unauthorized,
+        // The device firmware stops here: its identity is refused for good.
+        (Status::FORBIDDEN | Status::BAD_REQUEST, Port::PubkeyRegister) => Kind::Locked,
+        (Status::FORBIDDEN, Port::PubkeyAttest) => Kind::Locked,
         // The upstream registration server answers 404 "Network not found.".
         (Status::NOT_FOUND, Port::Register) => Kind::Unauthorized,
         (Status::FORBIDDEN | Status::NOT_FOUND, Port::State) => Kind::StateRefused,
@@ -117,6 +129,23 @@ mod tests {
         assert_eq!(state(400), 4);
         assert_eq!(state(401), 3);
         assert_eq!(reg(302), 7);
+        let pk_reg = |s| kind_of_status(Status(s), Port::PubkeyRegister) as u8;
+        let pk_att = |s| kind_of_status(Status(s), Port::PubkeyAttest) as u8;
+        assert_eq!(
+            (pk_reg(403), pk_reg(400), pk_reg(429), pk_reg(503)),
+            (8, 8, 5, 5)
+        );
+        assert_eq!(
+            (
+                pk_att(403),
+                pk_att(401),
+                pk_att(404),
+                pk_att(409),
+                pk_att(410)
+            ),
+            (8, 3, 4, 4, 4)
+        );
+        assert_eq!(pk_att(400), 4);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod exit;
 mod ijam;
 mod load;
 mod node_file;
+mod pubkey;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,10 @@ enum Command {
     /// then AES-encrypted state changes.
     #[command(subcommand)]
     Ijam(IjamCommand),
+    /// The `pubkey` flow on the envelope port: register a device's P-256 public key
+    /// under its 16-byte id, then attest (sign a server challenge) with it.
+    #[command(subcommand)]
+    Pubkey(pubkey::PubkeyCommand),
     /// Load generators for benchmarks: many concurrent clients, a summary at the end.
     #[command(subcommand)]
     Load(LoadCommand),
@@ -199,6 +204,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Ijam(IjamCommand::Register(args)) => register(args),
         Command::Ijam(IjamCommand::State(args)) => change_state(args),
+        Command::Pubkey(cmd) => pubkey::run(cmd).map(|(text, json)| Output { text, json }),
         Command::Load(LoadCommand::Ijam(args)) => load::run(args).map(|json| Output {
             text: Some(load::summary(&json)),
             json,

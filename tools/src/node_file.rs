@@ -138,7 +138,7 @@ pub fn save(path: &Path, info: &NodeInfo) -> Result<()> {
         .with_context(|| format!("cannot write the state file {}", path.display()))
 }
 
-fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;

@@ -33,6 +33,7 @@ struct Listener {
     cert: SocketAddr,
     reg: SocketAddr,
     state: SocketAddr,
+    envelope: SocketAddr,
 }
 
 impl Listener {
@@ -58,6 +59,7 @@ impl Listener {
             .arg(&data)
             .args(["serve", "--bind", "127.0.0.1"])
             .args(["--cert-port", "0", "--reg-port", "0", "--state-port", "0"])
+            .args(["--envelope-port", "0"])
             .env("REGISTRAR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -96,6 +98,7 @@ impl Listener {
             cert: addr("cert_tcp"),
             reg: addr("reg_tcp"),
             state: addr("state_tcp"),
+            envelope: addr("envelope_tcp"),
             child,
             root,
         }
@@ -565,4 +568,142 @@ fn the_load_tool_mints_its_passphrases_registers_them_all_and_reports() {
         "{}",
         run.stdout
     );
+}
+
+// ---- pubkey ---------------------------------------------------------------------------
+
+impl Listener {
+    fn pubkey(&self, cmd: &str, key: &Path, extra: &[&str]) -> Run {
+        node(
+            &[
+                &["pubkey", cmd, "--server", "127.0.0.1"] as &[&str],
+                &["--envelope-port", &self.envelope.port().to_string()],
+                &["--key", key.to_str().unwrap()],
+                extra,
+            ]
+            .concat(),
+        )
+    }
+}
+
+#[test]
+fn pubkey_register_and_attest_map_statuses_to_exit_codes() {
+    let l = Listener::start();
+    let key = l.state_file("device.pem");
+
+    // First use: a key (0600) and an id beside it; 201, exit 0, "<id> registered".
+    let run = l.pubkey("register", &key, &[]).expect(0);
+    let id = fs::read_to_string(l.state_file("device.id"))
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(run.stdout, format!("{id} registered\n"));
+    let mode = fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let pem = fs::read_to_string(&key).unwrap();
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+
+    // Again (409, same key) over TCP and UDP: still a success.
+    let run = l.pubkey("register", &key, &[]).expect(0);
+    assert_eq!(run.stdout, format!("{id} already registered\n"));
+    let run = l.pubkey("register", &key, &["--udp"]).expect(0);
+    assert_eq!(run.stdout, format!("{id} already registered\n"));
+    let run = node(
+        &[
+            &["--json", "pubkey", "register", "--server", "127.0.0.1"] as &[&str],
+            &["--envelope-port", &l.envelope.port().to_string()],
+            &["--key", key.to_str().unwrap()],
+        ]
+        .concat(),
+    )
+    .expect(0);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(out["device_id"], id.as_str());
+    assert_eq!(out["status"], 409);
+
+    // Attest, both transports.
+    let run = l.pubkey("attest", &key, &[]).expect(0);
+    assert!(
+        run.stdout.starts_with(&format!("{id} attested at ")),
+        "{}",
+        run.stdout
+    );
+    l.pubkey("attest", &key, &["--udp"]).expect(0);
+    let shown = l.admin(&["--json", "device", "show", &id]);
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["attestations"], 2);
+
+    // Another key claiming the same id: 403, the "locked" exit code 8.
+    let thief = l.state_file("thief.pem");
+    let run = l
+        .pubkey("register", &thief, &["--device-id", &id])
+        .expect(8);
+    assert!(
+        run.stderr.contains("registration refused: 403"),
+        "{}",
+        run.stderr
+    );
+    // The thief's id file now names that id; the thief cannot attest as it (401: 3).
+    l.pubkey("attest", &thief, &[]).expect(3);
+
+    // An --device-id that contradicts the id file: a local error, nothing sent.
+    let other_id = "0123456789abcdef0123456789abcdef";
+    l.pubkey("register", &key, &["--device-id", other_id])
+        .expect(1);
+    // No key yet: attest is a local error.
+    l.pubkey("attest", &l.state_file("none.pem"), &[]).expect(1);
+    // A key and id never registered: 404, exit 4.
+    let fresh = l.state_file("fresh.pem");
+    let pem = registrar::client::pubkey::DeviceKey::generate()
+        .unwrap()
+        .to_pkcs8_pem()
+        .unwrap();
+    fs::write(&fresh, pem).unwrap();
+    let run = l
+        .pubkey("attest", &fresh, &["--device-id", other_id])
+        .expect(4);
+    assert!(run.stderr.contains("404"), "{}", run.stderr);
+
+    // Revoked: register and attest both exit 8.
+    l.admin(&["device", "revoke", &id]);
+    let run = l.pubkey("register", &key, &[]).expect(8);
+    assert!(run.stderr.contains("403"), "{}", run.stderr);
+    l.pubkey("attest", &key, &["--udp"]).expect(8);
+    let run = node(
+        &[
+            &["--json", "pubkey", "attest", "--server", "127.0.0.1"] as &[&str],
+            &["--envelope-port", &l.envelope.port().to_string()],
+            &["--key", key.to_str().unwrap()],
+        ]
+        .concat(),
+    )
+    .expect(8);
+    let out: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        (out["status"].as_u64(), out["exit_code"].as_u64()),
+        (Some(403), Some(8))
+    );
+
+    // A malformed --device-id is a usage error; nothing listening is exit 2.
+    l.pubkey("register", &key, &["--device-id", "xyz"])
+        .expect(1);
+    let closed = {
+        let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    node(
+        &[
+            &["pubkey", "register", "--server", "127.0.0.1"] as &[&str],
+            &["--envelope-port", &closed.to_string()],
+            &[
+                "--key",
+                l.state_file("x.pem").to_str().unwrap(),
+                "--timeout",
+                "2s",
+            ],
+        ]
+        .concat(),
+    )
+    .expect(2);
 }

@@ -27,6 +27,8 @@ pub fn vector(name: &str) -> Vec<u8> {
 pub enum Backend {
     Sqlite,
     Redis(PrivateRedis),
+    /// A store another listener owns (e.g. a second listener on the same Redis).
+    Shared(String),
 }
 
 impl Backend {
@@ -43,6 +45,7 @@ impl Backend {
         match self {
             Backend::Sqlite => "sqlite".into(),
             Backend::Redis(redis) => redis.url(),
+            Backend::Shared(url) => url.clone(),
         }
     }
 }
@@ -54,6 +57,8 @@ pub struct Ports {
     pub reg_udp: SocketAddr,
     pub state_tcp: SocketAddr,
     pub state_udp: SocketAddr,
+    pub envelope_tcp: SocketAddr,
+    pub envelope_udp: SocketAddr,
 }
 
 pub struct Listener {
@@ -104,7 +109,7 @@ impl Listener {
                 "serve",
             ])
             .args(["--bind", "127.0.0.1", "--cert-port", "0", "--reg-port", "0"])
-            .args(["--state-port", "0"])
+            .args(["--state-port", "0", "--envelope-port", "0"])
             .args(extra)
             .env("REGISTRAR_LOG", "debug")
             .stdout(Stdio::piped())
@@ -157,6 +162,8 @@ impl Listener {
             reg_udp: addr("reg_udp"),
             state_tcp: addr("state_tcp"),
             state_udp: addr("state_udp"),
+            envelope_tcp: addr("envelope_tcp"),
+            envelope_udp: addr("envelope_udp"),
         };
         Listener {
             child,
@@ -169,6 +176,19 @@ impl Listener {
         }
     }
 
+    /// A second listener on the same store with the same keys (as a fleet of listeners
+    /// behind a balancer shares them).
+    pub fn start_sibling(&self, extra: &[&str]) -> Listener {
+        let data_dir = tempfile::tempdir().expect("temp data dir");
+        for file in ["rsa_private_key.pem", "storage.key", "signing_key.pem"] {
+            let from = self.data_dir.path().join(file);
+            if from.exists() {
+                std::fs::copy(&from, data_dir.path().join(file)).unwrap();
+            }
+        }
+        Listener::start_in(Backend::Shared(self.store.clone()), data_dir, extra)
+    }
+
     /// The metrics listener, when started with `--metrics-addr`.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.line.split_whitespace().find_map(|kv| {
@@ -177,6 +197,11 @@ impl Listener {
                 .parse()
                 .ok()
         })
+    }
+
+    /// The `--store` argument this listener runs with.
+    pub fn store_url(&self) -> &str {
+        &self.store
     }
 
     /// Everything the listener logged so far.
@@ -224,7 +249,7 @@ impl Listener {
     pub fn redis(&mut self) -> Option<&mut PrivateRedis> {
         match &mut self._backend {
             Backend::Redis(redis) => Some(redis),
-            Backend::Sqlite => None,
+            Backend::Sqlite | Backend::Shared(_) => None,
         }
     }
 
@@ -257,6 +282,10 @@ impl Listener {
     /// Waits for the listener to exit by itself.
     pub fn wait_exit(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("wait for registrar")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn is_running(&mut self) -> bool {

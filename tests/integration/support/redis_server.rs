@@ -19,6 +19,8 @@ pub struct PrivateRedis {
     child: Child,
     port: u16,
     dir: TempDir,
+    /// AOF with `appendfsync always`: a restart finds every acknowledged write.
+    durable: bool,
 }
 
 impl PrivateRedis {
@@ -26,11 +28,21 @@ impl PrivateRedis {
     /// `redis-server` is not installed. Under CI (`CI` set) a missing server panics,
     /// so the Redis half of the suite cannot silently vanish.
     pub fn start() -> Option<PrivateRedis> {
+        Self::start_with(false)
+    }
+
+    /// Like [`PrivateRedis::start`], with an append-only file fsynced on every write,
+    /// so [`PrivateRedis::kill`] + [`PrivateRedis::resume`] is a crash and a recovery.
+    pub fn start_durable() -> Option<PrivateRedis> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Option<PrivateRedis> {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            let mut child = match spawn(port, &dir) {
+            let mut child = match spawn(port, &dir, durable) {
                 Ok(child) => child,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     if std::env::var_os("CI").is_some() {
@@ -42,7 +54,14 @@ impl PrivateRedis {
                 Err(e) => panic!("cannot run redis-server: {e}"),
             };
             match wait_ready(&mut child, port) {
-                Ok(()) => return Some(PrivateRedis { child, port, dir }),
+                Ok(()) => {
+                    return Some(PrivateRedis {
+                        child,
+                        port,
+                        dir,
+                        durable,
+                    });
+                }
                 Err(why) => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -57,13 +76,14 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Kills the server, leaving the port closed until [`PrivateRedis::resume`].
+    /// Kills the server (SIGKILL), leaving the port closed until [`PrivateRedis::resume`].
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Starts the server again on the same port after [`PrivateRedis::kill`] (empty).
+    /// Starts the server again on the same port after [`PrivateRedis::kill`] (empty,
+    /// unless durable).
     pub fn resume(&mut self) {
         self.restart();
     }
@@ -73,7 +93,8 @@ impl PrivateRedis {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child = spawn(self.port, &self.dir).expect("redis-server ran a moment ago");
+        self.child =
+            spawn(self.port, &self.dir, self.durable).expect("redis-server ran a moment ago");
         if let Err(why) = wait_ready(&mut self.child, self.port) {
             panic!(
                 "redis-server did not restart on port {}: {why}{}",
@@ -109,7 +130,12 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
     }
 }
 
-fn spawn(port: u16, dir: &TempDir) -> std::io::Result<Child> {
+fn spawn(port: u16, dir: &TempDir, durable: bool) -> std::io::Result<Child> {
+    let persistence: &[&str] = if durable {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &["--appendonly", "no"]
+    };
     Command::new("redis-server")
         .arg("--port")
         .arg(port.to_string())
@@ -118,7 +144,8 @@ fn spawn(port: u16, dir: &TempDir) -> std::io::Result<Child> {
         .arg(dir.path())
         .arg("--logfile")
         .arg(dir.path().join("redis.log"))
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--save", "", "--daemonize", "no"])
+        .args(persistence)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

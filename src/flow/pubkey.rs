@@ -1,0 +1,604 @@
+//! The `pubkey` business rules (schemas/pubkey.md): a device binds an ECDSA P-256
+//! key to its 16-byte id once and for all, then answers signed challenges.
+//! Transport-agnostic; time and randomness come in as arguments; the signature checks
+//! run wherever the caller's `verify` puts them (the server: on the crypto pool).
+//!
+//! [`PubkeyError::status`] is the one place errors become wire statuses.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use aws_lc_rs::constant_time;
+
+use crate::crypto::ecdsa::{self, VerifyError};
+use crate::crypto::{CryptoError, StorageKey};
+use crate::store::{
+    AttestOp, AttestOutcome, DeviceRegisterOutcome, DeviceStatus, Store, StoreError,
+};
+use crate::wire::DecodeError;
+use crate::wire::envelope::Status;
+use crate::wire::pubkey::{
+    AttestRequest, ChallengeRequest, DeviceId, Nonce, RegisterRequest, Request, attest_reply,
+};
+
+/// A challenge nonce is good for this long after it was issued.
+pub const NONCE_VALIDITY_MS: i64 = 60_000;
+/// How far apart the clocks of listeners sharing a store may be: a nonce issued "in
+/// the future" by up to this much is accepted, and a used nonce is remembered this
+/// much longer than its validity.
+pub const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+
+/// Why a request failed; each variant is one reply class.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PubkeyError {
+    #[error("malformed request: {0}")]
+    Malformed(#[from] DecodeError),
+    #[error("not a valid P-256 public key")]
+    InvalidKey,
+    #[error("registration signature does not verify")]
+    RegisterSignature,
+    #[error("device id is bound to another key")]
+    BoundToAnotherKey,
+    #[error("device is revoked")]
+    Revoked,
+    #[error("unknown device")]
+    UnknownDevice,
+    #[error("nonce was not issued by this service for this device")]
+    ForeignNonce,
+    #[error("nonce expired")]
+    NonceExpired,
+    #[error("nonce already used")]
+    NonceUsed,
+    #[error("attestation signature does not verify")]
+    AttestSignature,
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("crypto: {0}")]
+    Crypto(CryptoError),
+    #[error("overloaded: crypto queue full")]
+    Overloaded,
+    #[error("rate limited")]
+    RateLimited,
+}
+
+impl PubkeyError {
+    /// The wire status of this failure: the single mapping point.
+    pub fn status(&self) -> Status {
+        match self {
+            PubkeyError::Malformed(_)
+            | PubkeyError::InvalidKey
+            | PubkeyError::RegisterSignature => Status::BAD_REQUEST,
+            PubkeyError::ForeignNonce | PubkeyError::AttestSignature => Status::UNAUTHORIZED,
+            PubkeyError::BoundToAnotherKey | PubkeyError::Revoked => Status::FORBIDDEN,
+            PubkeyError::UnknownDevice => Status::NOT_FOUND,
+            PubkeyError::NonceUsed => Status::CONFLICT,
+            PubkeyError::NonceExpired => Status::GONE,
+            PubkeyError::RateLimited => Status::TOO_MANY_REQUESTS,
+            PubkeyError::Store(_) | PubkeyError::Crypto(_) | PubkeyError::Overloaded => {
+                Status::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// A short word for the request log and metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PubkeyError::Malformed(_) => "malformed",
+            PubkeyError::InvalidKey => "invalid_key",
+            PubkeyError::RegisterSignature => "bad_signature",
+            PubkeyError::BoundToAnotherKey => "bound_to_another_key",
+            PubkeyError::Revoked => "revoked",
+            PubkeyError::UnknownDevice => "unknown_device",
+            PubkeyError::ForeignNonce => "foreign_nonce",
+            PubkeyError::NonceExpired => "nonce_expired",
+            PubkeyError::NonceUsed => "nonce_used",
+            PubkeyError::AttestSignature => "bad_signature",
+            PubkeyError::Store(_) => "store_unavailable",
+            PubkeyError::Crypto(_) => "crypto_error",
+            PubkeyError::Overloaded => "shed",
+            PubkeyError::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// What a successful request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Done {
+    /// 201: the id is now bound to the key.
+    Registered,
+    /// 409: the id was already bound to this same key (a success for the device).
+    AlreadyRegistered,
+    /// 200: a fresh nonce to sign.
+    Challenged(Nonce),
+    /// 200: the attestation was recorded at this time.
+    Attested { at_ms: i64 },
+}
+
+impl Done {
+    pub fn status(&self) -> Status {
+        match self {
+            Done::Registered => Status::CREATED,
+            Done::AlreadyRegistered => Status::CONFLICT,
+            Done::Challenged(_) | Done::Attested { .. } => Status::OK,
+        }
+    }
+
+    pub fn payload(&self) -> Vec<u8> {
+        match self {
+            Done::Registered | Done::AlreadyRegistered => Vec::new(),
+            Done::Challenged(nonce) => nonce.0.to_vec(),
+            Done::Attested { at_ms } => attest_reply(*at_ms as u64).to_vec(),
+        }
+    }
+
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Done::Registered => "registered",
+            Done::AlreadyRegistered => "already_registered",
+            Done::Challenged(_) => "challenged",
+            Done::Attested { .. } => "attested",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Register,
+    Attest,
+}
+
+/// One ECDSA verification (about 50 µs), owned so it can run on another thread.
+#[derive(Debug, Clone)]
+pub struct SignatureCheck {
+    purpose: Purpose,
+    public_key: Vec<u8>,
+    message: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+impl SignatureCheck {
+    /// Checks the key (registration only: a registered key was checked already) and
+    /// the signature.
+    pub fn run(&self) -> Result<(), PubkeyError> {
+        match self.purpose {
+            Purpose::Register => ecdsa::verify(&self.public_key, &self.message, &self.signature)
+                .map_err(|e| match e {
+                    VerifyError::Key => PubkeyError::InvalidKey,
+                    VerifyError::Signature => PubkeyError::RegisterSignature,
+                }),
+            Purpose::Attest => {
+                if ecdsa::verify_registered(&self.public_key, &self.message, &self.signature) {
+                    Ok(())
+                } else {
+                    Err(PubkeyError::AttestSignature)
+                }
+            }
+        }
+    }
+}
+
+/// `issued_ms ‖ random ‖ HMAC-SHA256(challenge key, device_id ‖ issued_ms ‖ random)[..16]`
+/// (schemas/pubkey.md "Nonce"). Any listener holding the same storage key checks it.
+pub fn issue_nonce(
+    storage: &StorageKey,
+    device: &DeviceId,
+    issued_ms: u64,
+    random: [u8; 8],
+) -> Nonce {
+    Nonce::new(
+        issued_ms,
+        random,
+        nonce_tag(storage, device, issued_ms, &random),
+    )
+}
+
+fn nonce_tag(
+    storage: &StorageKey,
+    device: &DeviceId,
+    issued_ms: u64,
+    random: &[u8; 8],
+) -> [u8; 16] {
+    let mac = storage.challenge_tag(&Nonce::mac_input(device, issued_ms, random));
+    mac[..16].try_into().expect("16 of 32 bytes")
+}
+
+pub struct PubkeyFlow<S> {
+    storage: StorageKey,
+    store: Arc<S>,
+}
+
+impl<S: Store> PubkeyFlow<S> {
+    pub fn new(storage: StorageKey, store: Arc<S>) -> Self {
+        PubkeyFlow { storage, store }
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// One request: validate → (signature check through `verify`) → one atomic store
+    /// call → what happened. `random` feeds a challenge nonce (8 bytes from a CSPRNG).
+    pub async fn handle<V, Fut>(
+        &self,
+        request: Request,
+        now_ms: i64,
+        random: [u8; 8],
+        verify: V,
+    ) -> Result<Done, PubkeyError>
+    where
+        V: FnOnce(SignatureCheck) -> Fut,
+        Fut: Future<Output = Result<(), PubkeyError>>,
+    {
+        match request {
+            Request::Register(r) => self.register(r, now_ms, verify).await,
+            Request::Challenge(r) => self.challenge(r, now_ms, random).await,
+            Request::Attest(r) => self.attest(r, now_ms, verify).await,
+        }
+    }
+
+    async fn register<V, Fut>(
+        &self,
+        r: RegisterRequest,
+        now_ms: i64,
+        verify: V,
+    ) -> Result<Done, PubkeyError>
+    where
+        V: FnOnce(SignatureCheck) -> Fut,
+        Fut: Future<Output = Result<(), PubkeyError>>,
+    {
+        // Proof of possession first: nobody claims an id with a key they do not hold.
+        verify(SignatureCheck {
+            purpose: Purpose::Register,
+            public_key: r.spki.0.to_vec(),
+            message: RegisterRequest::signed_message(&r.device_id, &r.spki),
+            signature: r.signature.0,
+        })
+        .await?;
+        match self
+            .store
+            .register_device(r.device_id, &r.spki.0, now_ms)
+            .await?
+        {
+            DeviceRegisterOutcome::Created => Ok(Done::Registered),
+            DeviceRegisterOutcome::SameKey => Ok(Done::AlreadyRegistered),
+            DeviceRegisterOutcome::OtherKey => Err(PubkeyError::BoundToAnotherKey),
+            DeviceRegisterOutcome::Revoked => Err(PubkeyError::Revoked),
+        }
+    }
+
+    async fn challenge(
+        &self,
+        r: ChallengeRequest,
+        now_ms: i64,
+        random: [u8; 8],
+    ) -> Result<Done, PubkeyError> {
+        let device = self
+            .store
+            .device(r.device_id)
+            .await?
+            .ok_or(PubkeyError::UnknownDevice)?;
+        if device.status == DeviceStatus::Revoked {
+            return Err(PubkeyError::Revoked);
+        }
+        Ok(Done::Challenged(self.issue_nonce(
+            &r.device_id,
+            now_ms.max(0) as u64,
+            random,
+        )))
+    }
+
+    async fn attest<V, Fut>(
+        &self,
+        r: AttestRequest,
+        now_ms: i64,
+        verify: V,
+    ) -> Result<Done, PubkeyError>
+    where
+        V: FnOnce(SignatureCheck) -> Fut,
+        Fut: Future<Output = Result<(), PubkeyError>>,
+    {
+        let issued_ms = self.check_nonce(&r.device_id, &r.nonce, now_ms)?;
+        let device = self
+            .store
+            .device(r.device_id)
+            .await?
+            .ok_or(PubkeyError::UnknownDevice)?;
+        if device.status == DeviceStatus::Revoked {
+            return Err(PubkeyError::Revoked);
+        }
+        // Verified before the nonce is marked used: a forged signature cannot burn
+        // the device's nonce.
+        verify(SignatureCheck {
+            purpose: Purpose::Attest,
+            public_key: device.public_key,
+            message: AttestRequest::signed_message(&r.device_id, &r.nonce),
+            signature: r.signature.0,
+        })
+        .await?;
+        let op = AttestOp {
+            device: r.device_id,
+            nonce: r.nonce,
+            now_ms,
+            nonce_expires_ms: (issued_ms + NONCE_VALIDITY_MS + MAX_CLOCK_SKEW_MS).max(now_ms + 1),
+        };
+        match self.store.attest_device(op).await? {
+            AttestOutcome::Attested => Ok(Done::Attested { at_ms: now_ms }),
+            AttestOutcome::NonceUsed => Err(PubkeyError::NonceUsed),
+            AttestOutcome::Revoked => Err(PubkeyError::Revoked),
+            AttestOutcome::UnknownDevice => Err(PubkeyError::UnknownDevice),
+        }
+    }
+
+    pub fn issue_nonce(&self, device: &DeviceId, issued_ms: u64, random: [u8; 8]) -> Nonce {
+        issue_nonce(&self.storage, device, issued_ms, random)
+    }
+
+    fn tag(&self, device: &DeviceId, issued_ms: u64, random: &[u8; 8]) -> [u8; 16] {
+        nonce_tag(&self.storage, device, issued_ms, random)
+    }
+
+    /// The nonce's tag (constant-time) and age; returns when it was issued.
+    fn check_nonce(
+        &self,
+        device: &DeviceId,
+        nonce: &Nonce,
+        now_ms: i64,
+    ) -> Result<i64, PubkeyError> {
+        let raw = nonce.raw();
+        let issued = raw.issued_ms.get();
+        let expected = self.tag(device, issued, &raw.random);
+        constant_time::verify_slices_are_equal(&expected, &raw.tag)
+            .map_err(|_| PubkeyError::ForeignNonce)?;
+        let issued_ms = i64::try_from(issued).map_err(|_| PubkeyError::ForeignNonce)?;
+        if issued_ms > now_ms.saturating_add(MAX_CLOCK_SKEW_MS) {
+            // Ours, but from a clock far ahead of this one: not usable here.
+            return Err(PubkeyError::ForeignNonce);
+        }
+        if now_ms.saturating_sub(issued_ms) >= NONCE_VALIDITY_MS {
+            return Err(PubkeyError::NonceExpired);
+        }
+        Ok(issued_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::ecdsa::SigningKey;
+    use crate::store::sqlite::SqliteStore;
+    use crate::wire::pubkey::{P256Spki, Signature};
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    struct Fixture {
+        flow: PubkeyFlow<SqliteStore>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        Fixture {
+            flow: PubkeyFlow::new(StorageKey::from_bytes(&[7; 32]), Arc::new(store)),
+            _dir: dir,
+        }
+    }
+
+    async fn inline(check: SignatureCheck) -> Result<(), PubkeyError> {
+        check.run()
+    }
+
+    fn register_req(id: DeviceId, key: &SigningKey) -> Request {
+        let spki = P256Spki::new(key.public_key_der()).unwrap();
+        let sig = key
+            .sign(&RegisterRequest::signed_message(&id, &spki))
+            .unwrap();
+        Request::Register(RegisterRequest {
+            device_id: id,
+            spki,
+            signature: Signature(sig),
+        })
+    }
+
+    fn attest_req(id: DeviceId, nonce: Nonce, key: &SigningKey) -> Request {
+        let sig = key
+            .sign(&AttestRequest::signed_message(&id, &nonce))
+            .unwrap();
+        Request::Attest(AttestRequest {
+            device_id: id,
+            nonce,
+            signature: Signature(sig),
+        })
+    }
+
+    impl Fixture {
+        async fn run(&self, r: Request, now: i64) -> Result<Done, PubkeyError> {
+            self.flow.handle(r, now, [3; 8], inline).await
+        }
+
+        async fn nonce(&self, id: DeviceId, now: i64) -> Nonce {
+            match self
+                .run(Request::Challenge(ChallengeRequest { device_id: id }), now)
+                .await
+                .unwrap()
+            {
+                Done::Challenged(n) => n,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn register_is_permanent_and_proves_possession() {
+        let f = fixture();
+        let (id, key, other) = (
+            DeviceId([1; 16]),
+            SigningKey::generate().unwrap(),
+            SigningKey::generate().unwrap(),
+        );
+        assert_eq!(
+            f.run(register_req(id, &key), NOW).await.unwrap(),
+            Done::Registered
+        );
+        assert_eq!(
+            f.run(register_req(id, &key), NOW + 1).await.unwrap(),
+            Done::AlreadyRegistered
+        );
+        let err = f.run(register_req(id, &other), NOW + 2).await.unwrap_err();
+        assert_eq!(
+            (err.status(), err.outcome()),
+            (Status::FORBIDDEN, "bound_to_another_key")
+        );
+
+        // Signed by another key than the one it names: 400, and nothing is stored.
+        let id2 = DeviceId([2; 16]);
+        let Request::Register(mut forged) = register_req(id2, &key) else {
+            unreachable!()
+        };
+        forged.signature = Signature(
+            other
+                .sign(&RegisterRequest::signed_message(&id2, &forged.spki))
+                .unwrap(),
+        );
+        let err = f
+            .run(Request::Register(forged.clone()), NOW)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PubkeyError::RegisterSignature), "{err:?}");
+        assert_eq!(err.status(), Status::BAD_REQUEST);
+        // A point off the curve: 400 as a bad key.
+        forged.spki.0[90] ^= 1;
+        let err = f.run(Request::Register(forged), NOW).await.unwrap_err();
+        assert!(matches!(err, PubkeyError::InvalidKey), "{err:?}");
+        assert_eq!(f.flow.store().device(id2).await.unwrap(), None);
+
+        f.flow.store().revoke_device(id, NOW + 3).await.unwrap();
+        let err = f.run(register_req(id, &key), NOW + 4).await.unwrap_err();
+        assert_eq!(err.status(), Status::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn challenge_then_attest_once_within_sixty_seconds() {
+        let f = fixture();
+        let (id, key) = (DeviceId([1; 16]), SigningKey::generate().unwrap());
+        let unknown = f
+            .run(Request::Challenge(ChallengeRequest { device_id: id }), NOW)
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.status(), Status::NOT_FOUND);
+        f.run(register_req(id, &key), NOW).await.unwrap();
+
+        let nonce = f.nonce(id, NOW).await;
+        assert_eq!(nonce.raw().issued_ms.get(), NOW as u64);
+        assert_eq!(nonce.raw().random, [3; 8]);
+        let done = f
+            .run(attest_req(id, nonce, &key), NOW + 59_999)
+            .await
+            .unwrap();
+        assert_eq!(
+            done,
+            Done::Attested {
+                at_ms: NOW + 59_999
+            }
+        );
+        assert_eq!(done.payload(), ((NOW + 59_999) as u64).to_be_bytes());
+        let again = f
+            .run(attest_req(id, nonce, &key), NOW + 59_999)
+            .await
+            .unwrap_err();
+        assert_eq!(again.status(), Status::CONFLICT);
+        let device = f.flow.store().device(id).await.unwrap().unwrap();
+        assert_eq!((device.attested_ms, device.attestations), (NOW + 59_999, 1));
+
+        // At 60 s the nonce is gone, whoever signs it.
+        let nonce = f.nonce(id, NOW).await;
+        let late = f
+            .run(attest_req(id, nonce, &key), NOW + 60_000)
+            .await
+            .unwrap_err();
+        assert_eq!(late.status(), Status::GONE);
+    }
+
+    #[tokio::test]
+    async fn forged_foreign_or_tampered_nonces_and_bad_signatures_are_401() {
+        let f = fixture();
+        let (a, b) = (DeviceId([1; 16]), DeviceId([2; 16]));
+        let (ka, kb) = (
+            SigningKey::generate().unwrap(),
+            SigningKey::generate().unwrap(),
+        );
+        f.run(register_req(a, &ka), NOW).await.unwrap();
+        f.run(register_req(b, &kb), NOW).await.unwrap();
+
+        let for_b = f.nonce(b, NOW).await;
+        let err = f.run(attest_req(a, for_b, &ka), NOW).await.unwrap_err();
+        assert!(matches!(err, PubkeyError::ForeignNonce), "{err:?}");
+        let mut tampered = f.nonce(a, NOW).await;
+        tampered.0[7] ^= 1; // issued_ms moved: the tag no longer matches
+        let err = f.run(attest_req(a, tampered, &ka), NOW).await.unwrap_err();
+        assert_eq!(err.status(), Status::UNAUTHORIZED);
+        let other_server =
+            PubkeyFlow::new(StorageKey::from_bytes(&[8; 32]), Arc::clone(f.flow.store()));
+        let theirs = other_server.issue_nonce(&a, NOW as u64, [0; 8]);
+        let err = f.run(attest_req(a, theirs, &ka), NOW).await.unwrap_err();
+        assert_eq!(err.status(), Status::UNAUTHORIZED);
+
+        // A good nonce signed by the wrong key: 401, and the nonce stays usable.
+        let nonce = f.nonce(a, NOW).await;
+        let err = f.run(attest_req(a, nonce, &kb), NOW).await.unwrap_err();
+        assert!(matches!(err, PubkeyError::AttestSignature), "{err:?}");
+        assert_eq!(err.status(), Status::UNAUTHORIZED);
+        assert!(f.run(attest_req(a, nonce, &ka), NOW).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn revoked_and_unknown_devices() {
+        let f = fixture();
+        let (id, key) = (DeviceId([1; 16]), SigningKey::generate().unwrap());
+        f.run(register_req(id, &key), NOW).await.unwrap();
+        let nonce = f.nonce(id, NOW).await;
+        f.flow.store().revoke_device(id, NOW).await.unwrap();
+        let err = f.run(attest_req(id, nonce, &key), NOW).await.unwrap_err();
+        assert_eq!(err.status(), Status::FORBIDDEN);
+        let err = f
+            .run(Request::Challenge(ChallengeRequest { device_id: id }), NOW)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Status::FORBIDDEN);
+
+        // A valid nonce for an id the store does not know (e.g. a wiped store): 404.
+        let ghost = DeviceId([9; 16]);
+        let nonce = f.flow.issue_nonce(&ghost, NOW as u64, [1; 8]);
+        let err = f
+            .run(attest_req(ghost, nonce, &key), NOW)
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), Status::NOT_FOUND);
+    }
+
+    #[test]
+    fn every_error_has_its_documented_status() {
+        use PubkeyError::*;
+        let table = [
+            (Malformed(DecodeError::Empty { field: "x" }), 400),
+            (InvalidKey, 400),
+            (RegisterSignature, 400),
+            (BoundToAnotherKey, 403),
+            (Revoked, 403),
+            (UnknownDevice, 404),
+            (ForeignNonce, 401),
+            (NonceExpired, 410),
+            (NonceUsed, 409),
+            (AttestSignature, 401),
+            (Crypto(CryptoError::Random), 503),
+            (Overloaded, 503),
+            (RateLimited, 429),
+        ];
+        for (e, status) in table {
+            assert_eq!(e.status(), Status(status), "{e:?}");
+        }
+        assert_eq!(Done::Registered.status(), Status::CREATED);
+        assert_eq!(Done::AlreadyRegistered.status(), Status::CONFLICT);
+    }
+}
