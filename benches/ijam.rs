@@ -29,7 +29,9 @@ use tempfile::TempDir;
 use tokio::runtime::Runtime;
 use uuid::Uuid;
 
-use registrar::crypto::{self, MAX_MODULUS_LEN, RsaKey, RsaPublicKey, StorageKey, passphrase};
+use registrar::crypto::{
+    self, KeyRing, MAX_MODULUS_LEN, RsaKey, RsaPublicKey, StorageKey, passphrase,
+};
 use registrar::flow::ijam::{
     DEFAULT_REPLAY_TTL_MS, IjamError, IjamFlow, RegisterRandomness, Registered,
 };
@@ -167,7 +169,7 @@ impl<S: Store> Bench<S> {
         let rsa = rsa_key(2048);
         let public = RsaPublicKey::from_pem(rsa.public_pem().as_bytes()).expect("public key");
         let flow = IjamFlow::new(
-            rsa,
+            KeyRing::new(rsa, None),
             StorageKey::from_bytes(&master),
             Arc::new(store),
             DEFAULT_REPLAY_TTL_MS,
@@ -230,7 +232,7 @@ impl<S: Store> Bench<S> {
         rt.block_on(async {
             let start = Instant::now();
             for cipher in &ciphertexts {
-                let request = self.flow.open_request(cipher).expect("opens");
+                let request = self.flow.open_request(cipher, now_ms()).expect("opens");
                 let rand = RegisterRandomness::from_os().expect("random");
                 expect_created(self.flow.register(&request, now_ms(), rand).await);
             }

@@ -68,6 +68,23 @@ pub enum PassphraseCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Make a new RSA key; the old one keeps decrypting for --grace.
+    ///
+    /// The certificate port serves the new public key within a second (running
+    /// listeners watch the data dir), while registrations encrypted to the old key are
+    /// still accepted until the grace period ends, so a fleet mid-registration is not
+    /// cut off. The new key has the current key's size.
+    Rotate {
+        /// How long the previous key still decrypts.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
+    /// Show the current key (size, SHA-256 of its public key) and the previous one.
+    Show,
+}
+
+#[derive(Subcommand, Debug)]
 pub enum NodeCommand {
     /// List registered nodes.
     List {
@@ -463,6 +480,62 @@ pub async fn device(common: &Common, cmd: DeviceCommand) -> Result<()> {
                 println!("{}", json!({"device": id.to_hex(), "revoked": true}));
             } else {
                 println!("revoked device {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(key: &registrar::crypto::RsaKey) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_pem().as_bytes());
+    hex::encode(&digest.as_ref()[..16])
+}
+
+pub fn key(common: &Common, cmd: KeyCommand) -> Result<()> {
+    let data = DataDir::open(&common.data_dir)?;
+    let now = now_ms();
+    match cmd {
+        KeyCommand::Rotate { grace } => {
+            let rotation = data.rotate_rsa_key(None, grace.as_millis() as i64, now)?;
+            let (keys, _) = data.rsa_keyring(rotation.bits, now)?;
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"bits": rotation.bits, "fingerprint": fingerprint(keys.current()), "previous_until_ms": rotation.previous_until_ms})
+                );
+            } else {
+                println!(
+                    "new RSA-{} key {} in force; the previous key decrypts until {}",
+                    rotation.bits,
+                    fingerprint(keys.current()),
+                    time(rotation.previous_until_ms)
+                );
+            }
+        }
+        KeyCommand::Show => {
+            if !data.rsa_key_path().exists() {
+                bail!(
+                    "no RSA key in {}: start `registrar serve` once first",
+                    data.path().display()
+                );
+            }
+            let (keys, _) = data.rsa_keyring(2048, now)?;
+            let until = keys.previous_until();
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"bits": keys.current().bits(), "fingerprint": fingerprint(keys.current()), "previous_until_ms": until})
+                );
+            } else {
+                println!(
+                    "current:  RSA-{} {}",
+                    keys.current().bits(),
+                    fingerprint(keys.current())
+                );
+                match until {
+                    Some(until) => println!("previous: decrypts until {}", time(until)),
+                    None => println!("previous: none in force"),
+                }
             }
         }
     }

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! <data-dir>/rsa_private_key.pem   PKCS#8 PEM, mode 0600, made on first `serve`
+//! <data-dir>/rsa_previous_key.pem  the key before `registrar key rotate`, 0600, and
+//! <data-dir>/rsa_previous_key.until  when it stops decrypting (ms since the epoch)
 //! <data-dir>/storage.key           32 random bytes as hex, mode 0600, made on first use
 //! <data-dir>/signing_key.pem       ECDSA P-256, PKCS#8 PEM, mode 0600, made on first `serve`
 //! <data-dir>/registrar.sqlite      the embedded store (+ -wal, -shm)
@@ -14,7 +16,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::crypto::ecdsa::SigningKey;
-use crate::crypto::{self, CryptoError, RsaKey, StorageKey};
+use crate::crypto::{self, CryptoError, KeyRing, RsaKey, StorageKey};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -25,6 +27,24 @@ pub enum DataDirError {
     Key { path: PathBuf, source: CryptoError },
     #[error("{path}: expected 64 hex characters")]
     StorageKeyFormat { path: PathBuf },
+    #[error("{path}: expected a time in milliseconds since the epoch")]
+    UntilFormat { path: PathBuf },
+    #[error("no RSA key to rotate at {0}: start `registrar serve` once first")]
+    NoKeyToRotate(PathBuf),
+    #[error(
+        "the new key must have the current key's size ({current} bits): registration \
+         frames are as long as the modulus, so clients of both keys could not share a \
+         TCP port during the grace period"
+    )]
+    RotateSize { current: usize },
+}
+
+/// The outcome of `registrar key rotate`.
+#[derive(Debug)]
+pub struct Rotation {
+    pub bits: usize,
+    /// When the previous key stops decrypting (ms since the epoch).
+    pub previous_until_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -56,6 +76,117 @@ impl DataDir {
 
     pub fn rsa_key_path(&self) -> PathBuf {
         self.root.join("rsa_private_key.pem")
+    }
+
+    pub fn rsa_previous_key_path(&self) -> PathBuf {
+        self.root.join("rsa_previous_key.pem")
+    }
+
+    pub fn rsa_previous_until_path(&self) -> PathBuf {
+        self.root.join("rsa_previous_key.until")
+    }
+
+    /// The RSA keys in force at `now_ms`: the current one (generated with `bits` if
+    /// there is none yet) and, during a rotation's grace period, the previous one.
+    pub fn rsa_keyring(
+        &self,
+        bits: usize,
+        now_ms: i64,
+    ) -> Result<(KeyRing, KeyOrigin), DataDirError> {
+        let (current, origin) = self.rsa_key(bits)?;
+        let until_path = self.rsa_previous_until_path();
+        let previous = match fs::read_to_string(&until_path) {
+            Ok(text) => {
+                let until: i64 = text.trim().parse().map_err(|_| DataDirError::UntilFormat {
+                    path: until_path.clone(),
+                })?;
+                if until > now_ms {
+                    let path = self.rsa_previous_key_path();
+                    let pem = fs::read_to_string(&path).map_err(|source| DataDirError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let key = RsaKey::from_pkcs8_pem(&pem)
+                        .map_err(|source| DataDirError::Key { path, source })?;
+                    Some((key, until))
+                } else {
+                    None
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(DataDirError::Io {
+                    path: until_path,
+                    source,
+                });
+            }
+        };
+        Ok((KeyRing::new(current, previous), origin))
+    }
+
+    /// Makes a new current RSA key of the same size; the old one becomes the previous
+    /// key, decrypting until `now_ms + grace_ms`. A running listener picks both up
+    /// within a second (it watches the files).
+    pub fn rotate_rsa_key(
+        &self,
+        bits: Option<usize>,
+        grace_ms: i64,
+        now_ms: i64,
+    ) -> Result<Rotation, DataDirError> {
+        let current_path = self.rsa_key_path();
+        let pem = match fs::read_to_string(&current_path) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(DataDirError::NoKeyToRotate(current_path));
+            }
+            Err(source) => {
+                return Err(DataDirError::Io {
+                    path: current_path,
+                    source,
+                });
+            }
+        };
+        let current = RsaKey::from_pkcs8_pem(&pem).map_err(|source| DataDirError::Key {
+            path: current_path.clone(),
+            source,
+        })?;
+        let bits = match bits {
+            Some(b) if b != current.bits() => {
+                return Err(DataDirError::RotateSize {
+                    current: current.bits(),
+                });
+            }
+            _ => current.bits(),
+        };
+        let new = RsaKey::generate(bits).map_err(|source| DataDirError::Key {
+            path: current_path.clone(),
+            source,
+        })?;
+        let previous_until_ms = now_ms + grace_ms;
+        // Order matters for a listener reading concurrently: the previous key and its
+        // expiry are in place before the current key changes.
+        replace_secret(&self.rsa_previous_key_path(), pem.as_bytes())?;
+        replace_secret(
+            &self.rsa_previous_until_path(),
+            format!("{previous_until_ms}\n").as_bytes(),
+        )?;
+        replace_secret(&current_path, new.private_pem().as_bytes())?;
+        Ok(Rotation {
+            bits,
+            previous_until_ms,
+        })
+    }
+
+    /// Modification times of the key files: changes mean the keys must be reloaded.
+    pub fn rsa_key_stamp(&self) -> Vec<Option<std::time::SystemTime>> {
+        [
+            self.rsa_key_path(),
+            self.rsa_previous_key_path(),
+            self.rsa_previous_until_path(),
+        ]
+        .iter()
+        .map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
     }
 
     pub fn storage_key_path(&self) -> PathBuf {
@@ -155,6 +286,29 @@ impl DataDir {
             Err(source) => Err(DataDirError::Io { path, source }),
         }
     }
+}
+
+/// Writes `path` (mode 0600) through a temporary file and an atomic rename, replacing
+/// what was there.
+fn replace_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+    let io_err = |source| DataDirError::Io {
+        path: path.into(),
+        source,
+    };
+    let nonce: [u8; 8] = crypto::random().map_err(|source| DataDirError::Key {
+        path: path.into(),
+        source,
+    })?;
+    let tmp = path.with_extension(format!("tmp-{}", hex::encode(nonce)));
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err)?;
+    file.write_all(contents).map_err(io_err)?;
+    file.sync_all().map_err(io_err)?;
+    fs::rename(&tmp, path).map_err(io_err)
 }
 
 /// Creates `path` with mode 0600, failing if it exists, and fsyncs it.

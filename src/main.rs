@@ -66,6 +66,9 @@ enum Command {
     /// Mint, list and revoke one-time network passphrases.
     #[command(subcommand)]
     Passphrase(admin::PassphraseCommand),
+    /// Rotate and inspect the listener's RSA key.
+    #[command(subcommand)]
+    Key(admin::KeyCommand),
     /// List, inspect and revoke registered nodes.
     #[command(subcommand)]
     Node(admin::NodeCommand),
@@ -142,12 +145,23 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One log line per request is thousands of lines a second: a background thread
+    // writes them in batches instead of one write(2) each on the request path. Lines
+    // are never dropped (a full buffer blocks); the guard flushes them at exit.
+    let (log_writer, _flush_at_exit) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .thread_name("log-writer")
+            .finish(std::io::BufWriter::with_capacity(
+                64 * 1024,
+                std::io::stderr(),
+            ));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("REGISTRAR_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(log_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -163,6 +177,7 @@ fn main() -> ExitCode {
             Command::Network(cmd) => admin::network(&cli.common, cmd).await,
             Command::Passphrase(cmd) => admin::passphrase(&cli.common, cmd).await,
             Command::Node(cmd) => admin::node(&cli.common, cmd).await,
+            Command::Key(cmd) => admin::key(&cli.common, cmd),
             Command::Device(cmd) => admin::device(&cli.common, cmd).await,
         }
     });
@@ -177,9 +192,9 @@ fn main() -> ExitCode {
 
 async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     let data = DataDir::open(&common.data_dir)?;
-    let (rsa, origin) = data.rsa_key(args.rsa_bits)?;
+    let (keys, origin) = data.rsa_keyring(args.rsa_bits, registrar::server::now_ms())?;
     if origin == KeyOrigin::Generated {
-        info!(path = %data.rsa_key_path().display(), bits = rsa.bits(), "generated a new RSA key pair");
+        info!(path = %data.rsa_key_path().display(), bits = keys.current().bits(), "generated a new RSA key pair");
     }
     let storage = data.storage_key()?;
     let store = Arc::new(
@@ -189,7 +204,7 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     );
     let store_url = store.describe();
     let flow = Arc::new(IjamFlow::new(
-        rsa,
+        keys,
         storage,
         Arc::clone(&store),
         args.replay_ttl.as_millis() as i64,
@@ -250,9 +265,15 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     let tracker = TaskTracker::new();
     server.spawn(sockets, cancel.clone(), &tracker);
     envelope.spawn(envelope_sockets, &tracker);
+    tokio::spawn(watch_rsa_keys(
+        data.clone(),
+        Arc::clone(&flow),
+        args.rsa_bits,
+        cancel.clone(),
+    ));
     tracker.close();
 
-    info!(store = %store_url, rsa_bits = flow.rsa().bits(), crypto_threads = threads, "registrar started");
+    info!(store = %store_url, rsa_bits = flow.keys().current().bits(), crypto_threads = threads, "registrar started");
     // Stable line: tests and scripts read the bound ports from it.
     println!("registrar listening {ports} store={store_url}");
     if origin == KeyOrigin::Generated {
@@ -260,7 +281,7 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
             "first start: RSA-{} key written to {}\n\
              add a network:    registrar --data-dir {} network create NETWORK --owner USER\n\
              add a passphrase: registrar --data-dir {} passphrase add NETWORK --node-name NAME",
-            flow.rsa().bits(),
+            flow.keys().current().bits(),
             data.rsa_key_path().display(),
             data.path().display(),
             data.path().display(),
@@ -278,6 +299,52 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// Reloads the RSA keys when their files change (`registrar key rotate`, possibly run
+/// on another host sharing the data dir), and drops the previous key when its grace
+/// period ends. Checks once a second: a stat of three files.
+async fn watch_rsa_keys<S: Store>(
+    data: DataDir,
+    flow: Arc<IjamFlow<S>>,
+    bits: usize,
+    cancel: CancellationToken,
+) {
+    let mut stamp = data.rsa_key_stamp();
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = registrar::server::now_ms();
+        let current = data.rsa_key_stamp();
+        let expired = flow
+            .keys()
+            .previous_until()
+            .is_some_and(|until| until <= now);
+        if current == stamp && !expired {
+            continue;
+        }
+        match data.rsa_keyring(bits, now) {
+            Ok((keys, _)) => {
+                let until = keys.previous_until();
+                let bits = keys.current().bits();
+                flow.set_keys(keys);
+                stamp = current;
+                match until {
+                    Some(until) => info!(
+                        bits,
+                        previous_until_ms = until,
+                        "RSA key rotated: the previous key decrypts until its grace period ends"
+                    ),
+                    None => info!(bits, "RSA keys reloaded: only the current key decrypts"),
+                }
+            }
+            // Mid-rotation, or a damaged file: keep serving the keys in force.
+            Err(e) => warn!(error = %e, "cannot reload the RSA keys; keeping the ones in force"),
+        }
+    }
 }
 
 async fn wait_for_shutdown_signal() {

@@ -133,13 +133,83 @@ impl RsaKey {
         ciphertext: &[u8],
         out: &'a mut [u8; MAX_MODULUS_LEN],
     ) -> Result<&'a [u8], CryptoError> {
+        let len = self.decrypt_len(ciphertext, out)?;
+        Ok(&out[..len])
+    }
+
+    /// Like [`RsaKey::decrypt`], returning the plaintext's length in `out`.
+    fn decrypt_len(
+        &self,
+        ciphertext: &[u8],
+        out: &mut [u8; MAX_MODULUS_LEN],
+    ) -> Result<usize, CryptoError> {
         if ciphertext.len() != self.ciphertext_len() {
             return Err(CryptoError::Decrypt);
         }
         self.oaep
             .decrypt(&OAEP_SHA1_MGF1SHA1, ciphertext, out, None)
-            .map(|plain| &*plain)
+            .map(|plain| plain.len())
             .map_err(|_| CryptoError::Decrypt)
+    }
+}
+
+/// The listener's RSA keys: the one it serves, and during a rotation's grace period
+/// the one it served before, which still decrypts (`registrar key rotate`), so a fleet
+/// that fetched the old public key just before the rotation is not cut off.
+#[derive(Debug)]
+pub struct KeyRing {
+    current: RsaKey,
+    /// The previous key and the time (ms since the epoch) it stops decrypting.
+    previous: Option<(RsaKey, i64)>,
+    certificate_reply: Vec<u8>,
+}
+
+impl KeyRing {
+    pub fn new(current: RsaKey, previous: Option<(RsaKey, i64)>) -> Self {
+        let mut certificate_reply = current.public_pem().as_bytes().to_vec();
+        if certificate_reply.len() < crate::wire::ijam::CERT_REPLY_MIN_LEN {
+            certificate_reply.resize(crate::wire::ijam::CERT_REPLY_MIN_LEN, 0);
+        }
+        KeyRing {
+            current,
+            previous,
+            certificate_reply,
+        }
+    }
+
+    pub fn current(&self) -> &RsaKey {
+        &self.current
+    }
+
+    /// The previous key's expiry, while it has one.
+    pub fn previous_until(&self) -> Option<i64> {
+        self.previous.as_ref().map(|(_, until)| *until)
+    }
+
+    /// The certificate reply: the current PEM, NUL-padded to at least 800 bytes.
+    pub fn certificate_reply(&self) -> &[u8] {
+        &self.certificate_reply
+    }
+
+    /// Frames on the registration port are this long (the current modulus).
+    pub fn ciphertext_len(&self) -> usize {
+        self.current.ciphertext_len()
+    }
+
+    /// Decrypts with the current key, then with the previous one while its grace
+    /// period lasts. Failures are indistinguishable.
+    pub fn decrypt<'a>(
+        &self,
+        ciphertext: &[u8],
+        now_ms: i64,
+        out: &'a mut [u8; MAX_MODULUS_LEN],
+    ) -> Result<&'a [u8], CryptoError> {
+        let len = match (self.current.decrypt_len(ciphertext, out), &self.previous) {
+            (Ok(len), _) => len,
+            (Err(_), Some((key, until))) if now_ms < *until => key.decrypt_len(ciphertext, out)?,
+            (Err(e), _) => return Err(e),
+        };
+        Ok(&out[..len])
     }
 }
 

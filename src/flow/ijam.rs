@@ -7,11 +7,11 @@
 //! `401 "Invalid passphrase."`. [`IjamError::reply`] is the one place that maps
 //! errors to wire status codes.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
-use crate::crypto::{self, CryptoError, MAX_MODULUS_LEN, RsaKey, StorageKey, passphrase};
+use crate::crypto::{self, CryptoError, KeyRing, MAX_MODULUS_LEN, StorageKey, passphrase};
 use crate::store::{NodeStatus, RegisterOp, RegisterOutcome, Store, StoreError, TransitionOutcome};
 use crate::wire::DecodeError;
 use crate::wire::ijam::{
@@ -145,46 +145,48 @@ impl RegisterRandomness {
 }
 
 pub struct IjamFlow<S> {
-    rsa: RsaKey,
+    /// Swapped whole when the data dir's keys change (`registrar key rotate`).
+    keys: RwLock<Arc<KeyRing>>,
     storage: StorageKey,
     store: Arc<S>,
     replay_ttl_ms: i64,
 }
 
 impl<S: Store> IjamFlow<S> {
-    pub fn new(rsa: RsaKey, storage: StorageKey, store: Arc<S>, replay_ttl_ms: i64) -> Self {
+    pub fn new(keys: KeyRing, storage: StorageKey, store: Arc<S>, replay_ttl_ms: i64) -> Self {
         IjamFlow {
-            rsa,
+            keys: RwLock::new(Arc::new(keys)),
             storage,
             store,
             replay_ttl_ms,
         }
     }
 
-    pub fn rsa(&self) -> &RsaKey {
-        &self.rsa
+    /// The keys in force now (cheap: one `Arc` clone).
+    pub fn keys(&self) -> Arc<KeyRing> {
+        Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts new keys in force; requests already decrypting finish with the old ring.
+    pub fn set_keys(&self, keys: KeyRing) {
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
     }
 
     pub fn store(&self) -> &Arc<S> {
         &self.store
     }
 
-    /// The certificate reply: the PEM public key, NUL-padded to at least 800 bytes.
-    pub fn certificate_reply(&self) -> Vec<u8> {
-        let mut reply = self.rsa.public_pem().as_bytes().to_vec();
-        if reply.len() < ijam::CERT_REPLY_MIN_LEN {
-            reply.resize(ijam::CERT_REPLY_MIN_LEN, 0);
-        }
-        reply
-    }
-
     /// The expensive, store-free half of a registration: RSA-OAEP decryption, parse,
     /// and the passphrase check value. Runs on the crypto pool.
-    pub fn open_request(&self, ciphertext: &[u8]) -> Result<RegisterRequest, IjamError> {
+    pub fn open_request(
+        &self,
+        ciphertext: &[u8],
+        now_ms: i64,
+    ) -> Result<RegisterRequest, IjamError> {
         let mut buf = [0u8; MAX_MODULUS_LEN];
-        let plain = self
-            .rsa
-            .decrypt(ciphertext, &mut buf)
+        let keys = self.keys();
+        let plain = keys
+            .decrypt(ciphertext, now_ms, &mut buf)
             .map_err(|_| IjamError::Undecryptable)?;
         let request = RegisterRequest::parse(plain)?;
         buf.fill(0);

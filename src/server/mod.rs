@@ -149,7 +149,6 @@ pub struct IjamServer<S> {
     pub config: ServerConfig,
     connections: Arc<Semaphore>,
     limiter: Option<RateLimiter>,
-    cert_reply: Bytes,
     /// Cancelled at shutdown: connections stop reading new requests, but a request
     /// already read is answered.
     shutdown: CancellationToken,
@@ -162,14 +161,12 @@ impl<S: Store> IjamServer<S> {
         config: ServerConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
-        let cert_reply = Bytes::from(flow.certificate_reply());
         Arc::new(IjamServer {
             connections: Arc::new(Semaphore::new(config.max_connections)),
             limiter: RateLimiter::new(config.rate_per_source, config.burst),
             flow,
             pool,
             config,
-            cert_reply,
             shutdown,
         })
     }
@@ -251,7 +248,8 @@ impl<S: Store> IjamServer<S> {
             match read {
                 Ok(Ok(_)) if request == CERT_REQUEST => {
                     info!(flow = "ijam", port = "cert", transport = "tcp", %peer, outcome = "certificate");
-                    if stream.write_all(&self.cert_reply).await.is_err() {
+                    let keys = self.flow.keys();
+                    if stream.write_all(keys.certificate_reply()).await.is_err() {
                         return;
                     }
                 }
@@ -271,7 +269,9 @@ impl<S: Store> IjamServer<S> {
     }
 
     async fn register_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
-        let frame_len = self.flow.rsa().ciphertext_len();
+        // A connection frames by the key in force when it opened (a rotation keeps
+        // the size, see `registrar key rotate`).
+        let frame_len = self.flow.keys().ciphertext_len();
         self.frame_loop(stream, peer, "reg", frame_len, |s, frame| async move {
             s.register_request(frame, peer, "tcp").await
         })
@@ -360,7 +360,11 @@ impl<S: Store> IjamServer<S> {
                 return Err(IjamError::RateLimited);
             }
             let flow = Arc::clone(&self.flow);
-            let opened = self.pool.run(move || flow.open_request(&ciphertext)).await;
+            let now = now_ms();
+            let opened = self
+                .pool
+                .run(move || flow.open_request(&ciphertext, now))
+                .await;
             metrics::crypto_queue_depth(self.pool.depth());
             let request = opened.map_err(|_| IjamError::Overloaded)??;
             let rand = RegisterRandomness::from_os().map_err(IjamError::Crypto)?;

@@ -108,8 +108,9 @@ impl CryptoPool {
             } else {
                 Ok(work())
             };
-            let _ = done.send(outcome);
+            // Counted out before the caller can see the result.
             depth.fetch_sub(1, Ordering::Relaxed);
+            let _ = done.send(outcome);
         });
         match self.queue.try_send(task) {
             Ok(()) => result.await.unwrap_or(Err(Overloaded)),

@@ -7,6 +7,7 @@
 //! Admin commands open their own writer on the same file; SQLite's lock and the busy
 //! timeout serialise them with a running listener.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -209,7 +210,7 @@ fn in_savepoint<T>(
     path: &Path,
     op: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT op")
+    conn.exec("SAVEPOINT op", [])
         .map_err(|e| unavailable(path, e))?;
     let result = op(conn).map_err(|e| match e {
         StoreError::Unavailable { cause, .. } => StoreError::Unavailable {
@@ -218,13 +219,42 @@ fn in_savepoint<T>(
         },
         other => other,
     });
-    let end = if result.is_ok() {
-        "RELEASE op"
+    let ended = if result.is_ok() {
+        conn.exec("RELEASE op", [])
     } else {
-        "ROLLBACK TO op; RELEASE op"
+        conn.exec("ROLLBACK TO op", [])
+            .and_then(|_| conn.exec("RELEASE op", []))
     };
-    conn.execute_batch(end).map_err(|e| unavailable(path, e))?;
+    ended.map_err(|e| unavailable(path, e))?;
     result
+}
+
+/// Statements through SQLite's prepared-statement cache: the register path runs the
+/// same few statements thousands of times a second, and parsing them each time cost
+/// more CPU than running them.
+trait Cached {
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize>;
+    fn row<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T>;
+}
+
+impl Cached for Connection {
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> rusqlite::Result<usize> {
+        self.prepare_cached(sql)?.execute(params)
+    }
+
+    fn row<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> rusqlite::Result<T> {
+        self.prepare_cached(sql)?.query_row(params, f)
+    }
 }
 
 /// Errors inside an operation: rusqlite failures are store failures.
@@ -242,7 +272,7 @@ impl<T> OrUnavailable<T> for Result<T, rusqlite::Error> {
 }
 
 fn read_network(conn: &Connection, id: &str) -> Result<Option<Network>, StoreError> {
-    conn.query_row(
+    conn.row(
         "SELECT id, owner, name, created_ms,
                 (SELECT count(*) FROM passphrases WHERE network = n.id),
                 (SELECT count(*) FROM nodes WHERE network = n.id)
@@ -293,7 +323,7 @@ fn node_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Node, Store
 }
 
 fn read_node(conn: &Connection, id: Uuid) -> Result<Option<Node>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
         [id.to_string()],
         node_from_row,
@@ -303,13 +333,26 @@ fn read_node(conn: &Connection, id: Uuid) -> Result<Option<Node>, StoreError> {
     .transpose()
 }
 
-fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
-    conn.execute("DELETE FROM replay WHERE expires_ms <= ?1", [op.now_ms])
+/// Deletes expired replay entries, at most once a second (lookups ignore expired
+/// entries anyway, so the sweep only bounds the table's size).
+fn sweep_replay(conn: &Connection, now_ms: i64) -> Result<(), StoreError> {
+    // Per writer thread, so per store.
+    thread_local!(static NEXT_SWEEP_MS: Cell<i64> = const { Cell::new(i64::MIN) });
+    if now_ms < NEXT_SWEEP_MS.get() {
+        return Ok(());
+    }
+    NEXT_SWEEP_MS.set(now_ms + 1000);
+    conn.exec("DELETE FROM replay WHERE expires_ms <= ?1", [now_ms])
         .db()?;
+    Ok(())
+}
+
+fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
+    sweep_replay(conn, op.now_ms)?;
     let replayed: Option<String> = conn
-        .query_row(
-            "SELECT node_id FROM replay WHERE network = ?1 AND key = ?2",
-            params![op.network, op.replay_key.0],
+        .row(
+            "SELECT node_id FROM replay WHERE network = ?1 AND key = ?2 AND expires_ms > ?3",
+            params![op.network, op.replay_key.0, op.now_ms],
             |row| row.get(0),
         )
         .optional()
@@ -320,7 +363,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
     }
 
     let pending: Option<(String, String)> = conn
-        .query_row(
+        .row(
             "SELECT p.node_name, n.owner FROM passphrases p JOIN networks n ON n.id = p.network
              WHERE p.network = ?1 AND p.hash = ?2 AND (p.expires_ms IS NULL OR p.expires_ms > ?3)",
             params![op.network, op.passphrase.0, op.now_ms],
@@ -331,7 +374,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
     let Some((name, owner)) = pending else {
         return Ok(RegisterOutcome::InvalidPassphrase);
     };
-    conn.execute(
+    conn.exec(
         "DELETE FROM passphrases WHERE network = ?1 AND hash = ?2",
         params![op.network, op.passphrase.0],
     )
@@ -343,7 +386,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
     };
     let outcome = match (op.requested_id, existing) {
         (Some(id), Some(node)) if node.owner == owner && node.status != NodeStatus::Revoked => {
-            conn.execute(
+            conn.exec(
                 "UPDATE nodes SET status = 'offline', sealed_key = ?2, type = ?3, arch = ?4,
                         name = ?5, network = ?6, registered_ms = ?7 WHERE id = ?1",
                 params![
@@ -365,7 +408,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                 _ => op.fresh_id,
             };
             let inserted = conn
-                .execute(
+                .exec(
                     "INSERT OR IGNORE INTO nodes (id, network, owner, name, type, arch, status,
                          sealed_key, ip, created_ms, registered_ms, online_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'offline', ?7, '', ?8, ?8, 0)",
@@ -393,8 +436,8 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
         RegisterOutcome::Created { node_id } | RegisterOutcome::Reregistered { node_id } => node_id,
         _ => unreachable!("only the two outcomes above reach here"),
     };
-    conn.execute(
-        "INSERT INTO replay (network, key, node_id, expires_ms) VALUES (?1, ?2, ?3, ?4)",
+    conn.exec(
+        "INSERT OR REPLACE INTO replay (network, key, node_id, expires_ms) VALUES (?1, ?2, ?3, ?4)",
         params![
             op.network,
             op.replay_key.0,
@@ -433,7 +476,7 @@ fn device_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Device, S
 }
 
 fn read_device(conn: &Connection, id: DeviceId) -> Result<Option<Device>, StoreError> {
-    conn.query_row(
+    conn.row(
         &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
         [id.0.as_slice()],
         device_from_row,
@@ -450,7 +493,7 @@ fn register_device(
     now_ms: i64,
 ) -> Result<DeviceRegisterOutcome, StoreError> {
     let inserted = conn
-        .execute(
+        .exec(
             "INSERT OR IGNORE INTO devices (id, public_key, status, registered_ms, attested_ms,
                  attestations, revoked_ms)
              VALUES (?1, ?2, 'active', ?3, 0, 0, 0)",
@@ -472,13 +515,13 @@ fn register_device(
 }
 
 fn attest_device(conn: &Connection, op: AttestOp) -> Result<AttestOutcome, StoreError> {
-    conn.execute(
+    conn.exec(
         "DELETE FROM used_nonces WHERE expires_ms <= ?1",
         [op.now_ms],
     )
     .db()?;
     let status: Option<String> = conn
-        .query_row(
+        .row(
             "SELECT status FROM devices WHERE id = ?1",
             [op.device.0.as_slice()],
             |row| row.get(0),
@@ -497,7 +540,7 @@ fn attest_device(conn: &Connection, op: AttestOp) -> Result<AttestOutcome, Store
         }
     }
     let fresh = conn
-        .execute(
+        .exec(
             "INSERT OR IGNORE INTO used_nonces (device, nonce, expires_ms) VALUES (?1, ?2, ?3)",
             params![
                 op.device.0.as_slice(),
@@ -509,7 +552,7 @@ fn attest_device(conn: &Connection, op: AttestOp) -> Result<AttestOutcome, Store
     if fresh == 0 {
         return Ok(AttestOutcome::NonceUsed);
     }
-    conn.execute(
+    conn.exec(
         "UPDATE devices SET attested_ms = ?2, attestations = attestations + 1 WHERE id = ?1",
         params![op.device.0.as_slice(), op.now_ms],
     )
@@ -532,7 +575,7 @@ impl Store for SqliteStore {
         let (id, owner, name) = (id.to_owned(), owner.to_owned(), name.to_owned());
         self.call(move |conn| {
             let inserted = conn
-                .execute(
+                .exec(
                     "INSERT OR IGNORE INTO networks (id, owner, name, created_ms) VALUES (?1, ?2, ?3, ?4)",
                     params![id, owner, name, now_ms],
                 )
@@ -579,7 +622,7 @@ impl Store for SqliteStore {
             }
             for p in batch {
                 let name_taken: bool = conn
-                    .query_row(
+                    .row(
                         "SELECT count(*) FROM passphrases WHERE network = ?1 AND node_name = ?2",
                         params![network, p.node_name],
                         |row| row.get::<_, i64>(0),
@@ -593,7 +636,7 @@ impl Store for SqliteStore {
                     });
                 }
                 let inserted = conn
-                    .execute(
+                    .exec(
                         "INSERT OR IGNORE INTO passphrases (network, hash, node_name, created_ms, expires_ms)
                          VALUES (?1, ?2, ?3, ?4, ?5)",
                         params![network, p.hash.0, p.node_name, now_ms, p.expires_ms],
@@ -641,7 +684,7 @@ impl Store for SqliteStore {
                 return Err(StoreError::UnknownNetwork(network));
             }
             let deleted = conn
-                .execute(
+                .exec(
                     "DELETE FROM passphrases WHERE network = ?1 AND node_name = ?2",
                     params![network, node_name],
                 )
@@ -702,12 +745,12 @@ impl Store for SqliteStore {
                 return Ok(TransitionOutcome::NotAllowed { from });
             }
             if target == NodeStatus::Online {
-                conn.execute(
+                conn.exec(
                     "UPDATE nodes SET status = ?2, ip = ?3, online_ms = ?4 WHERE id = ?1",
                     params![id.to_string(), target.as_str(), ip, now_ms],
                 )
             } else {
-                conn.execute(
+                conn.exec(
                     "UPDATE nodes SET status = ?2 WHERE id = ?1",
                     params![id.to_string(), target.as_str()],
                 )
@@ -721,7 +764,7 @@ impl Store for SqliteStore {
     async fn revoke_node(&self, id: Uuid) -> Result<(), StoreError> {
         self.call(move |conn| {
             let changed = conn
-                .execute(
+                .exec(
                     "UPDATE nodes SET status = 'revoked', sealed_key = x'' WHERE id = ?1",
                     [id.to_string()],
                 )
@@ -772,7 +815,7 @@ impl Store for SqliteStore {
     async fn revoke_device(&self, id: DeviceId, now_ms: i64) -> Result<(), StoreError> {
         self.call(move |conn| {
             let known = conn
-                .execute(
+                .exec(
                     "UPDATE devices SET status = 'revoked',
                          revoked_ms = CASE WHEN status = 'revoked' THEN revoked_ms ELSE ?2 END
                      WHERE id = ?1",

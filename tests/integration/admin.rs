@@ -369,3 +369,62 @@ fn sigterm_stops_accepting_answers_what_was_read_and_exits_0() {
         "no longer accepting"
     );
 }
+
+#[test]
+fn key_rotation_serves_the_new_key_while_the_old_one_still_decrypts_for_its_grace() {
+    let l = Listener::start(Backend::Sqlite, Key::Vector2048, &[]);
+    l.create_network("net", "alice");
+    let old_cert = fetch_certificate(l.ports.cert);
+    let old_pk = public_key(l.ports.cert);
+    let register = |pk: &registrar::crypto::RsaPublicKey, name: &str| {
+        let p = l.add_passphrase("net", name);
+        let key = random_key();
+        let ct = pk
+            .encrypt(&request(None, "net", &p, key).to_bytes())
+            .unwrap();
+        (tcp_exchange(l.ports.reg_tcp, &ct), key)
+    };
+
+    let out = l.admin_ok(&["--json", "key", "rotate", "--grace", "1h"]);
+    let rotation: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rotation["bits"], 2048);
+    l.wait_for_log_count("RSA key rotated", 1);
+    let new_cert = fetch_certificate(l.ports.cert);
+    assert_ne!(
+        new_cert, old_cert,
+        "the certificate port serves the new key"
+    );
+    assert_eq!(new_cert.len(), 800);
+    let new_pk = public_key(l.ports.cert);
+    // A node that fetched the old key just before the rotation still registers.
+    let (reply, key) = register(&old_pk, "before");
+    decode_reply_upstream(&reply, &key);
+    let (reply, key) = register(&new_pk, "after");
+    decode_reply_upstream(&reply, &key);
+    let shown = l.admin_ok(&["key", "show"]);
+    assert!(shown.contains("previous: decrypts until"), "{shown}");
+
+    // Rotating again with no grace: the key of two rotations ago is gone for good,
+    // and the key just replaced stops decrypting at once.
+    l.admin_ok(&["key", "rotate", "--grace", "0s"]);
+    l.wait_for_log_count("RSA keys reloaded: only the current key decrypts", 1);
+    let (reply, _) = register(&old_pk, "too-late-1");
+    assert_eq!(reply, b"\x90\x01request");
+    let (reply, _) = register(&new_pk, "too-late-2");
+    assert_eq!(reply, b"\x90\x01request");
+    let (reply, key) = register(&public_key(l.ports.cert), "current");
+    decode_reply_upstream(&reply, &key);
+
+    // The size stays: a different size could not share the TCP port's framing.
+    let dir = l.data_dir.path().to_str().unwrap().to_owned();
+    let out = admin(std::path::Path::new(&dir), "sqlite", &["key", "rotate"]);
+    assert!(out.status.success());
+    let fresh = tempfile::tempdir().unwrap();
+    let out = admin(fresh.path(), "sqlite", &["key", "rotate"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("start `registrar serve` once first"),
+        "{}",
+        stderr(&out)
+    );
+}
