@@ -6,6 +6,7 @@ mod envelope;
 mod faults;
 mod ijam;
 mod schemas;
+mod secrets;
 mod soak;
 mod store;
 mod support;

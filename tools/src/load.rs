@@ -413,7 +413,7 @@ fn process_rss_kib(pid: u32) -> Result<u64> {
 }
 
 /// CPU seconds (user + sys) a process has used, from /proc/PID/stat.
-fn process_cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn process_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("--listener-pid {pid}: no such process"))?;
     // Fields after the command name (which may contain spaces) start after ") ".

@@ -5,6 +5,7 @@
 mod exit;
 mod ijam;
 mod load;
+mod load_pubkey;
 mod node_file;
 mod pubkey;
 
@@ -66,6 +67,10 @@ enum LoadCommand {
     /// --connections clients for --count requests or --duration, open-loop at --rate
     /// when given. With --listener-pid it also reports the listener's CPU time.
     Ijam(load::LoadIjamArgs),
+    /// Offer pubkey registrations (--mode register) or Challenge → Attest round trips
+    /// (--mode attest) on the envelope port and report operations/s, latency
+    /// percentiles and outcome counts by status.
+    Pubkey(load_pubkey::LoadPubkeyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -207,6 +212,10 @@ fn main() -> ExitCode {
         Command::Pubkey(cmd) => pubkey::run(cmd).map(|(text, json)| Output { text, json }),
         Command::Load(LoadCommand::Ijam(args)) => load::run(args).map(|json| Output {
             text: Some(load::summary(&json)),
+            json,
+        }),
+        Command::Load(LoadCommand::Pubkey(args)) => load_pubkey::run(args).map(|json| Output {
+            text: Some(load_pubkey::summary(&json)),
             json,
         }),
     };

@@ -707,3 +707,37 @@ fn pubkey_register_and_attest_map_statuses_to_exit_codes() {
     )
     .expect(2);
 }
+
+#[test]
+fn the_pubkey_load_tool_registers_and_attests() {
+    let l = Listener::start();
+    for (mode, udp, success) in [
+        ("register", false, "201"),
+        ("register", true, "201"),
+        ("attest", false, "200"),
+        ("attest", true, "200"),
+    ] {
+        let udp_flag: &[&str] = if udp { &["--udp"] } else { &[] };
+        let run = node(
+            &[
+                &["--json", "load", "pubkey", "--server", "127.0.0.1"] as &[&str],
+                &["--envelope-port", &l.envelope.port().to_string()],
+                &["--mode", mode, "--count", "40", "--connections", "4"],
+                &["--listener-pid", &l.child.id().to_string()],
+                udp_flag,
+            ]
+            .concat(),
+        )
+        .expect(0);
+        let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        assert_eq!(report["completed"], 40, "{report}");
+        assert_eq!(report["outcomes"][success], 40, "{report}");
+    }
+    let devices = l.admin(&["--json", "device", "list"]);
+    let devices: Vec<serde_json::Value> = serde_json::from_slice(&devices.stdout).unwrap();
+    assert_eq!(
+        devices.len(),
+        40 + 40 + 4 + 4,
+        "register runs plus one device per attest connection"
+    );
+}

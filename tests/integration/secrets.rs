@@ -1,0 +1,127 @@
+//! No secret reaches a log line: a full run of every flow at debug level, then a scan
+//! of everything the listener wrote for each secret it handled, in every encoding a
+//! careless log line might use.
+
+use crate::support::envelope_client::Device;
+use crate::support::ijam_client::*;
+use crate::support::listener::{Backend, Key, Listener};
+use registrar::wire::ijam::StateCode;
+
+/// The encodings a secret could leak in: raw text, lowercase and uppercase hex, and
+/// Rust's `{:?}` of a byte array.
+fn encodings(secret: &[u8]) -> Vec<String> {
+    let mut forms = vec![
+        hex::encode(secret),
+        hex::encode_upper(secret),
+        format!("{secret:?}"),
+    ];
+    if let Ok(text) = std::str::from_utf8(secret) {
+        forms.push(text.to_owned());
+    }
+    forms
+}
+
+fn every_flow_at_debug(backend: &str) {
+    let Some(b) = Backend::named(backend) else {
+        return;
+    };
+    let l = Listener::start(b, Key::Vector2048, &[]);
+    let mut secrets: Vec<Vec<u8>> = Vec::new();
+
+    // ijam: registration over TCP and UDP, a failed one, a retry, state changes.
+    l.create_network("net", "alice");
+    let pk = public_key(l.ports.cert);
+    for transport in [Transport::Tcp, Transport::Udp] {
+        let p = l.add_passphrase("net", &format!("n-{transport:?}"));
+        let key = random_key();
+        let ct = pk
+            .encrypt(&request(None, "net", &p, key).to_bytes())
+            .unwrap();
+        let id = decode_reply_upstream(
+            &exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct),
+            &key,
+        );
+        decode_reply_upstream(
+            &exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct),
+            &key,
+        );
+        let wrong = pk
+            .encrypt(&request(None, "net", &p, random_key()).to_bytes())
+            .unwrap();
+        exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &wrong);
+        for code in [StateCode::Online, StateCode::Loading] {
+            exchange(
+                transport,
+                l.ports.state_tcp,
+                l.ports.state_udp,
+                &state_frame(id, &key, code),
+            );
+        }
+        secrets.push(p.into_bytes());
+        secrets.push(key.to_vec());
+    }
+    let typed = "typedsecret42";
+    l.admin_ok(&[
+        "passphrase",
+        "add",
+        "net",
+        "--node-name",
+        "typed",
+        "--passphrase",
+        typed,
+    ]);
+    let ct = pk
+        .encrypt(&request(None, "net", typed, random_key()).to_bytes())
+        .unwrap();
+    tcp_exchange(l.ports.reg_tcp, &ct);
+    secrets.push(typed.as_bytes().to_vec());
+
+    // pubkey: register, challenge, attest (and a replayed nonce), over TCP and UDP.
+    for (n, transport) in [(1, Transport::Tcp), (2, Transport::Udp)] {
+        let device = Device::new(n);
+        device.register(transport, &l);
+        let nonce = device.nonce(transport, &l);
+        device.attest(transport, &l, nonce);
+        device.attest(transport, &l, nonce);
+        secrets.push(nonce.0.to_vec());
+        let pem = device.key.to_pkcs8_pem().unwrap();
+        secrets.extend(
+            pem.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .map(|l| l.as_bytes().to_vec()),
+        );
+    }
+
+    // The listener's own keys.
+    let dir = l.data_dir.path();
+    let storage_hex = std::fs::read_to_string(dir.join("storage.key")).unwrap();
+    secrets.push(hex::decode(storage_hex.trim()).unwrap());
+    let log = l.log();
+    for pem_file in ["rsa_private_key.pem", "signing_key.pem"] {
+        let pem = std::fs::read_to_string(dir.join(pem_file)).unwrap();
+        for line in pem.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!log.contains(line), "a line of {pem_file} reached the log");
+        }
+    }
+
+    assert!(
+        log.contains("outcome=\"created\""),
+        "the run was logged at all:\n{log}"
+    );
+    assert!(log.contains("DEBUG"), "debug level was on");
+    for secret in &secrets {
+        for form in encodings(secret) {
+            assert!(!log.contains(&form), "a secret reached the log as {form:?}");
+        }
+    }
+}
+
+#[test]
+fn no_secret_reaches_the_log_on_sqlite() {
+    every_flow_at_debug("sqlite");
+}
+
+#[test]
+fn no_secret_reaches_the_log_on_redis() {
+    every_flow_at_debug("redis");
+}
