@@ -4,6 +4,8 @@
 pub mod core;
 pub mod envelope;
 pub mod ijam;
+#[cfg(test)]
+mod properties;
 pub mod pubkey;
 
 /// Why bytes failed to decode. Small, `Copy`, never allocates, carries the offending value.

@@ -262,7 +262,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
     let ok = outcomes.get(success).copied().unwrap_or(0);
     let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
     Ok(json!({
-        "operation": if args.mode == Mode::Register { "register" } else { "attest" },
+        "operation": if args.mode == Mode::Register { "registration" } else { "attestation" },
         "transport": if args.udp { "udp" } else { "tcp" },
         "connections": args.connections,
         "completed": ok,

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Reproduces the README's pubkey rows on this machine, each with its bounds measured in
+# the same sitting:
+#   bound A: 2 × `openssl speed ecdsap256` verify/s (one verify per request, two cores)
+#   bound B: redis-benchmark running the same Lua script (register_device.lua /
+#            attest_device.lua) through EVALSHA against a private redis-server
+# then `registrar-node load pubkey` for register and attest over TCP and UDP against a
+# listener on that Redis. Needs `cargo build --release`. Traffic stays on 127.0.0.1.
+#
+#   tools/perf/pubkey.sh [COUNT]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+count=${1:-30000}
+bin=target/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+verify=$(openssl speed -seconds 3 ecdsap256 2>/dev/null | awk '/256 bits ecdsa \(nistp256\)/ {print $NF}')
+echo "bound A: openssl speed ecdsap256: $verify verify/s per core × $(nproc) cores"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --save "" --appendonly no --daemonize no >"$work/redis.log" 2>&1 &
+pids+=($!)
+until redis-cli -p "$port" ping >/dev/null 2>&1; do :; done
+reg_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/register_device.lua)")
+att_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/attest_device.lua)")
+spki=$(printf '%0182x' 7)
+# Register: a fresh device id per call (__rand_int__ over a large keyspace).
+redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
+    EVALSHA "$reg_sha" 2 "rg:{dev:__rand_int__}" rg:devices __rand_int__ "$spki" 1795343905194 | tail -1
+# Attest: one registered device, a fresh nonce key per call.
+redis-cli -p "$port" evalsha "$reg_sha" 2 "rg:{dev:bench}" rg:devices bench "$spki" 1 >/dev/null
+redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
+    EVALSHA "$att_sha" 2 "rg:{dev:bench}" "rg:{dev:bench}:nonce:__rand_int__" 1795343905194 120000 | tail -1
+redis-cli -p "$port" flushall >/dev/null
+
+"$bin/registrar" --data-dir "$work/data" --store "redis://127.0.0.1:$port/" serve --bind 127.0.0.1 \
+    --cert-port 0 --reg-port 0 --state-port 0 --envelope-port 0 --rate-per-source 0 \
+    >"$work/listener.out" 2>"$work/listener.err" &
+listener=$!
+pids+=("$listener")
+until grep -q '^registrar listening' "$work/listener.out"; do
+    kill -0 "$listener" || { cat "$work/listener.err"; exit 1; }
+    sleep 0.1
+done
+env_port=$(sed -E 's/.* envelope_tcp=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$(grep '^registrar listening' "$work/listener.out")")
+for mode in register attest; do
+    for transport in tcp udp; do
+        udp=(); [ "$transport" = udp ] && udp=(--udp)
+        REGISTRAR_LOG=warn "$bin/registrar-node" load pubkey --server 127.0.0.1 \
+            --envelope-port "$env_port" --mode "$mode" --count "$count" --connections 32 \
+            --listener-pid "$listener" "${udp[@]}" | head -1
+    done
+done
