@@ -12,7 +12,7 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::crypto::ecdsa::SigningKey;
@@ -288,9 +288,10 @@ impl DataDir {
     }
 }
 
-/// Writes `path` (mode 0600) through a temporary file and an atomic rename, replacing
-/// what was there.
-fn replace_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+/// Writes `contents` to a fresh temporary file beside `path` (mode 0600, fsynced) and
+/// returns its name. Each writer gets a name of its own, so two processes racing never
+/// share a temporary file.
+fn write_temp(path: &Path, contents: &[u8]) -> Result<PathBuf, DataDirError> {
     let io_err = |source| DataDirError::Io {
         path: path.into(),
         source,
@@ -306,43 +307,41 @@ fn replace_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err)?;
-    file.write_all(contents).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
-    fs::rename(&tmp, path).map_err(io_err)
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(e)
+        })?;
+    Ok(tmp)
 }
 
-/// Creates `path` with mode 0600, failing if it exists, and fsyncs it.
+/// Writes `path` (mode 0600) through a temporary file and an atomic rename, replacing
+/// what was there.
+fn replace_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
+    let tmp = write_temp(path, contents)?;
+    fs::rename(&tmp, path).map_err(|source| DataDirError::Io {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Creates `path` (mode 0600, fsynced), failing with `AlreadyExists` if it exists.
 fn write_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
-    let io_err = |source| DataDirError::Io {
-        path: path.into(),
-        source,
-    };
-    // A name of its own per writer, so two processes racing never share a temp file.
-    let nonce: [u8; 8] = crypto::random().map_err(|source| DataDirError::Key {
-        path: path.into(),
-        source,
-    })?;
-    let tmp = path.with_extension(format!("tmp-{}", hex::encode(nonce)));
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io_err)?;
-    file.set_permissions(fs::Permissions::from_mode(0o600))
-        .map_err(io_err)?;
-    file.write_all(contents).map_err(io_err)?;
-    file.sync_all().map_err(io_err)?;
+    let tmp = write_temp(path, contents)?;
     // hard_link fails if `path` exists, so two racing writers never both win.
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
-    linked.map_err(io_err)
+    linked.map_err(|source| DataDirError::Io {
+        path: path.into(),
+        source,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn keys_are_made_once_with_mode_0600_and_reused() {

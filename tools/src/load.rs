@@ -176,14 +176,6 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
     eprintln!("preparing {count} requests for network {network} …");
     let prepared = Arc::new(encrypt_all(&public_key, &network, &passphrases[..count])?);
 
-    let progress = ProgressBar::with_draw_target(Some(count as u64), ProgressDrawTarget::stderr());
-    progress.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
     let mut idle = Vec::with_capacity(args.idle_connections);
     if args.idle_connections > 0 {
         let cert = resolve(&args.server, args.cert_port)?;
@@ -217,16 +209,8 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         };
         workers.spawn(worker.run());
     }
-    let ticker = {
-        let (progress, done) = (progress.clone(), Arc::clone(&done));
-        tokio::spawn(async move {
-            loop {
-                progress.set_position(done.load(Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (progress, ticker) = self::progress(count, &done);
+    let mut histogram = latency_histogram()?;
     let mut tally = Tally::default();
     while let Some(result) = workers.join_next().await {
         let (h, t) = result??;
@@ -253,7 +237,6 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         .copied()
         .unwrap_or(0);
     let secs = elapsed.as_secs_f64();
-    let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
     let outcomes: serde_json::Map<String, serde_json::Value> = tally
         .outcomes
         .iter()
@@ -269,13 +252,47 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         "seconds": secs,
         "registrations_per_second": ok as f64 / secs,
         "requests_per_second": sent as f64 / secs,
-        "latency_ms": { "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": histogram.max() as f64 / 1000.0 },
+        "latency_ms": latency_json(&histogram),
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_registration": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
         "idle_connections": args.idle_connections,
         "listener_rss_kib": { "before": rss_before, "after": rss_after },
     }))
+}
+
+/// The progress bar both load tools show on stderr, and the task that moves it.
+pub(crate) fn progress(
+    count: usize,
+    done: &Arc<AtomicU64>,
+) -> (ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = ProgressBar::with_draw_target(Some(count as u64), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    let (ticking, done) = (bar.clone(), Arc::clone(done));
+    let ticker = tokio::spawn(async move {
+        loop {
+            ticking.set_position(done.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    (bar, ticker)
+}
+
+/// Latency in microseconds, 1 µs to 60 s at 3 significant digits.
+pub(crate) fn latency_histogram() -> Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
+/// p50/p90/p99/max of a latency histogram, in milliseconds.
+pub(crate) fn latency_json(h: &Histogram<u64>) -> serde_json::Value {
+    let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    json!({ "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": h.max() as f64 / 1000.0 })
 }
 
 /// The human-readable summary of a `run` result.
@@ -453,7 +470,7 @@ enum Conn {
 
 impl Worker {
     async fn run(self) -> Result<(Histogram<u64>, Tally)> {
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut histogram = latency_histogram()?;
         let mut tally = Tally::default();
         let mut conn = if self.udp {
             let bind: SocketAddr = if self.addr.is_ipv4() {

@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
-use hdrhistogram::Histogram;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use registrar::client::pubkey::{self, DeviceKey};
 use registrar::crypto;
 use registrar::wire::envelope::{DEFAULT_MAX_PAYLOAD, HEADER_LEN, TRAILER_LEN};
@@ -162,15 +160,6 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         }
     }
 
-    let progress =
-        ProgressBar::with_draw_target(Some(args.count as u64), ProgressDrawTarget::stderr());
-    progress.set_style(
-        ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:40}] {pos}/{len} {per_sec} eta {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
     let cpu_before = args
         .listener_pid
         .map(crate::load::process_cpu_seconds)
@@ -185,7 +174,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         let (mode, count, udp, timeout) = (args.mode, args.count, args.udp, args.timeout);
         let device = devices.next();
         workers.spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+            let mut histogram = crate::load::latency_histogram()?;
             let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
             let mut conn = Conn::open(addr, udp).await?;
             let mut request_id = 0u32;
@@ -229,16 +218,8 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
             anyhow::Ok((histogram, outcomes))
         });
     }
-    let ticker = {
-        let (progress, done) = (progress.clone(), Arc::clone(&done));
-        tokio::spawn(async move {
-            loop {
-                progress.set_position(done.load(Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        })
-    };
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (progress, ticker) = crate::load::progress(args.count, &done);
+    let mut histogram = crate::load::latency_histogram()?;
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     while let Some(result) = workers.join_next().await {
         let (h, o) = result??;
@@ -260,7 +241,6 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         "200"
     };
     let ok = outcomes.get(success).copied().unwrap_or(0);
-    let q = |p: f64| histogram.value_at_quantile(p) as f64 / 1000.0;
     Ok(json!({
         "operation": if args.mode == Mode::Register { "registration" } else { "attestation" },
         "transport": if args.udp { "udp" } else { "tcp" },
@@ -268,7 +248,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         "completed": ok,
         "seconds": secs,
         "per_second": ok as f64 / secs,
-        "latency_ms": { "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": histogram.max() as f64 / 1000.0 },
+        "latency_ms": crate::load::latency_json(&histogram),
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_operation": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
