@@ -211,10 +211,12 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
     }
     let (progress, ticker) = self::progress(count, &done);
     let mut histogram = latency_histogram()?;
+    let mut admitted = latency_histogram()?;
     let mut tally = Tally::default();
     while let Some(result) = workers.join_next().await {
-        let (h, t) = result??;
+        let (h, a, t) = result??;
         histogram.add(&h)?;
+        admitted.add(&a)?;
         for (k, v) in t.outcomes {
             *tally.outcomes.entry(k).or_default() += v;
         }
@@ -253,6 +255,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         "registrations_per_second": ok as f64 / secs,
         "requests_per_second": sent as f64 / secs,
         "latency_ms": latency_json(&histogram),
+        "latency_ms_admitted": latency_json(&admitted),
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_registration": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
@@ -469,8 +472,10 @@ enum Conn {
 }
 
 impl Worker {
-    async fn run(self) -> Result<(Histogram<u64>, Tally)> {
+    /// Latency of every request, latency of the admitted (200) ones, outcome counts.
+    async fn run(self) -> Result<(Histogram<u64>, Histogram<u64>, Tally)> {
         let mut histogram = latency_histogram()?;
+        let mut admitted = latency_histogram()?;
         let mut tally = Tally::default();
         let mut conn = if self.udp {
             let bind: SocketAddr = if self.addr.is_ipv4() {
@@ -504,10 +509,13 @@ impl Worker {
             let outcome = self.exchange(&mut conn, request).await;
             let latency_us = due.elapsed().as_micros().max(1) as u64;
             histogram.saturating_record(latency_us);
+            if outcome == Outcome::Status(200) {
+                admitted.saturating_record(latency_us);
+            }
             *tally.outcomes.entry(outcome).or_default() += 1;
             self.done.fetch_add(1, Ordering::Relaxed);
         }
-        Ok((histogram, tally))
+        Ok((histogram, admitted, tally))
     }
 
     async fn exchange(&self, conn: &mut Conn, request: &Prepared) -> Outcome {
