@@ -116,7 +116,7 @@ struct ServeArgs {
     crypto_threads: Option<usize>,
     /// Requests waiting for a crypto thread at most; more are shed with 503 (TCP) or
     /// dropped (UDP).
-    #[arg(long, env = "REGISTRAR_CRYPTO_QUEUE", default_value_t = 1024)]
+    #[arg(long, env = "REGISTRAR_CRYPTO_QUEUE", default_value_t = 256)]
     crypto_queue: usize,
     /// Sojourn-time target of the crypto queue: when every request has waited longer
     /// than this for 100 ms, late requests are shed (503 on TCP, dropped on UDP) until

@@ -25,19 +25,41 @@ pub const INTERVAL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 struct Sojourn {
     target: Duration,
+    state: Mutex<SojournState>,
+}
+
+#[derive(Debug, Default)]
+struct SojournState {
     /// When the current run of over-target waits started, if one is running.
-    above_since: Mutex<Option<Instant>>,
+    above_since: Option<Instant>,
+    /// When shedding last stopped: a queue that stands again soon after is shed again
+    /// at once, without waiting out a fresh interval (CoDel's quick re-entry).
+    stopped_shedding: Option<Instant>,
 }
 
 impl Sojourn {
+    fn new(target: Duration) -> Self {
+        Sojourn { target, state: Mutex::new(SojournState::default()) }
+    }
+
     /// Whether a task that waited `waited` should be shed now.
     fn shed(&self, waited: Duration, now: Instant) -> bool {
-        let mut above_since = self.above_since.lock().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if waited <= self.target {
-            *above_since = None;
+            if let Some(since) = state.above_since.take()
+                && now.duration_since(since) >= INTERVAL
+            {
+                state.stopped_shedding = Some(now);
+            }
             return false;
         }
-        let since = *above_since.get_or_insert(now);
+        let recently_shedding =
+            state.stopped_shedding.is_some_and(|t| now.duration_since(t) < 10 * INTERVAL);
+        let since = *state.above_since.get_or_insert(if recently_shedding {
+            now.checked_sub(INTERVAL).unwrap_or(now)
+        } else {
+            now
+        });
         now.duration_since(since) >= INTERVAL
     }
 }
@@ -77,12 +99,7 @@ impl CryptoPool {
         Ok(CryptoPool {
             queue,
             depth: Arc::new(AtomicUsize::new(0)),
-            sojourn: target.map(|target| {
-                Arc::new(Sojourn {
-                    target,
-                    above_since: Mutex::new(None),
-                })
-            }),
+            sojourn: target.map(|target| Arc::new(Sojourn::new(target))),
         })
     }
 
@@ -158,10 +175,7 @@ mod tests {
 
     #[test]
     fn a_burst_is_served_but_a_standing_queue_is_shed_until_a_request_is_on_time() {
-        let s = Sojourn {
-            target: Duration::from_millis(20),
-            above_since: Mutex::new(None),
-        };
+        let s = Sojourn::new(Duration::from_millis(20));
         let t0 = Instant::now();
         let ms = Duration::from_millis;
         // A burst: waits above target, but for less than one interval.
@@ -175,7 +189,11 @@ mod tests {
         assert!(s.shed(ms(25), t0 + ms(301)));
         // The first request within target is served and ends the shedding.
         assert!(!s.shed(ms(10), t0 + ms(302)));
-        assert!(!s.shed(ms(25), t0 + ms(303)));
+        // A queue standing again soon after is shed at once (quick re-entry)...
+        assert!(s.shed(ms(25), t0 + ms(303)));
+        assert!(!s.shed(ms(10), t0 + ms(304)));
+        // ...but long after, it gets a fresh interval, as a burst would.
+        assert!(!s.shed(ms(25), t0 + ms(2000)));
     }
 
     #[tokio::test]

@@ -2,7 +2,7 @@
 # Reproduces the README's ijam performance rows on this machine, each in the same
 # sitting as its bound.
 #
-#   tools/perf/ijam.sh BITS STORE TRANSPORT [COUNT] [extra load args…]
+#   [CONNECTIONS=64] tools/perf/ijam.sh BITS STORE TRANSPORT [COUNT] [extra load args…]
 #     BITS       2048 | 4096
 #     STORE      sqlite | redis      (redis: a private redis-server on a free port)
 #     TRANSPORT  tcp | udp
@@ -37,7 +37,7 @@ fi
 
 "$bin/registrar" --data-dir "$work/data" --store "$store_arg" serve --bind 127.0.0.1 \
     --cert-port 0 --reg-port 0 --state-port 0 --envelope-port 0 --rsa-bits "$bits" --rate-per-source 0 \
-    --crypto-queue 4096 >"$work/listener.out" 2>"$work/listener.err" &
+    >"$work/listener.out" 2>"$work/listener.err" &
 listener=$!
 pids+=("$listener")
 until grep -q '^registrar listening' "$work/listener.out"; do
@@ -51,7 +51,7 @@ udp=(); [ "$transport" = udp ] && udp=(--udp)
 
 REGISTRAR_LOG=warn "$bin/registrar-node" --json load ijam --server 127.0.0.1 \
     --cert-port "$cert" --reg-port "$reg" --data-dir "$work/data" --store "$store_arg" \
-    --count "$count" --connections 64 --listener-pid "$listener" "${udp[@]}" "$@" | tee "$work/report.json"
+    --count "$count" --connections "${CONNECTIONS:-64}" --listener-pid "$listener" "${udp[@]}" "$@" | tee "$work/report.json"
 python3 - "$work/report.json" "$sign" "$cores" <<'EOF'
 import json, sys
 r = json.load(open(sys.argv[1])); sign = float(sys.argv[2]); cores = int(sys.argv[3])

@@ -29,11 +29,13 @@ att_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/attest_device.
 spki=$(printf '%0182x' 7)
 # Register: a fresh device id per call (__rand_int__ over a large keyspace).
 redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
-    EVALSHA "$reg_sha" 2 "rg:{dev:__rand_int__}" rg:devices __rand_int__ "$spki" 1795343905194 | tail -1
+    EVALSHA "$reg_sha" 2 "rg:{dev:__rand_int__}" rg:devices __rand_int__ "$spki" 1795343905194 \
+    | tr '\r' '\n' | tail -1 | sed -E 's/.*: ([0-9.]+ requests per second).*/bound B (register_device.lua): \1/' 
 # Attest: one registered device, a fresh nonce key per call.
 redis-cli -p "$port" evalsha "$reg_sha" 2 "rg:{dev:bench}" rg:devices bench "$spki" 1 >/dev/null
 redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
-    EVALSHA "$att_sha" 2 "rg:{dev:bench}" "rg:{dev:bench}:nonce:__rand_int__" 1795343905194 120000 | tail -1
+    EVALSHA "$att_sha" 2 "rg:{dev:bench}" "rg:{dev:bench}:nonce:__rand_int__" 1795343905194 120000 \
+    | tr '\r' '\n' | tail -1 | sed -E 's/.*: ([0-9.]+ requests per second).*/bound B (attest_device.lua): \1/' 
 redis-cli -p "$port" flushall >/dev/null
 
 "$bin/registrar" --data-dir "$work/data" --store "redis://127.0.0.1:$port/" serve --bind 127.0.0.1 \

@@ -256,6 +256,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         "requests_per_second": sent as f64 / secs,
         "latency_ms": latency_json(&histogram),
         "latency_ms_admitted": latency_json(&admitted),
+        "offered_achieved_per_second": sent as f64 / secs,
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_registration": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
@@ -506,11 +507,13 @@ impl Worker {
             if self.deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
+            let sent = Instant::now();
             let outcome = self.exchange(&mut conn, request).await;
-            let latency_us = due.elapsed().as_micros().max(1) as u64;
-            histogram.saturating_record(latency_us);
+            histogram.saturating_record(due.elapsed().as_micros().max(1) as u64);
+            // The server's view: from the moment the request left, whatever the
+            // client's own backlog (which `latency_ms` includes).
             if outcome == Outcome::Status(200) {
-                admitted.saturating_record(latency_us);
+                admitted.saturating_record(sent.elapsed().as_micros().max(1) as u64);
             }
             *tally.outcomes.entry(outcome).or_default() += 1;
             self.done.fetch_add(1, Ordering::Relaxed);
