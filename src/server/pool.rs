@@ -39,7 +39,10 @@ struct SojournState {
 
 impl Sojourn {
     fn new(target: Duration) -> Self {
-        Sojourn { target, state: Mutex::new(SojournState::default()) }
+        Sojourn {
+            target,
+            state: Mutex::new(SojournState::default()),
+        }
     }
 
     /// Whether a task that waited `waited` should be shed now.
@@ -53,8 +56,9 @@ impl Sojourn {
             }
             return false;
         }
-        let recently_shedding =
-            state.stopped_shedding.is_some_and(|t| now.duration_since(t) < 10 * INTERVAL);
+        let recently_shedding = state
+            .stopped_shedding
+            .is_some_and(|t| now.duration_since(t) < 10 * INTERVAL);
         let since = *state.above_since.get_or_insert(if recently_shedding {
             now.checked_sub(INTERVAL).unwrap_or(now)
         } else {
