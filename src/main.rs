@@ -246,10 +246,16 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
             "{ports} {}",
             registrar::server::metrics::describe(listener.local_addr()?)
         );
+        let udp_ports = vec![
+            ("reg", sockets.reg_udp.local_addr()?.port()),
+            ("state", sockets.state_udp.local_addr()?.port()),
+            ("envelope", envelope_sockets.udp.local_addr()?.port()),
+        ];
         tokio::spawn(registrar::server::metrics::serve(
             listener,
             handle,
             cancel.clone(),
+            udp_ports,
         ));
     }
     let envelope = EnvelopeServer::build(

@@ -23,6 +23,7 @@ pub const CONNECTIONS: &str = "registrar_open_connections";
 pub const CONNECTIONS_REFUSED: &str = "registrar_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "registrar_connections_closed_total";
 pub const CRYPTO_QUEUE: &str = "registrar_crypto_queue_depth";
+pub const UDP_KERNEL_DROPS: &str = "registrar_udp_receive_buffer_drops";
 
 /// One finished request.
 pub fn request(
@@ -99,8 +100,39 @@ pub fn install() -> Result<PrometheusHandle, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Datagrams the kernel dropped because a UDP socket's receive buffer was full (a flood
+/// faster than the listener reads): the one limit the listener itself never sees.
+/// Read from /proc/net/udp{,6} by local port at each scrape.
+fn record_udp_kernel_drops(ports: &[(&'static str, u16)]) {
+    for (name, port) in ports {
+        let drops: u64 = ["/proc/net/udp", "/proc/net/udp6"]
+            .iter()
+            .filter_map(|table| std::fs::read_to_string(table).ok())
+            .flat_map(|text| {
+                text.lines()
+                    .skip(1)
+                    .filter_map(|line| {
+                        let fields: Vec<&str> = line.split_whitespace().collect();
+                        let local_port = fields.get(1)?.rsplit(':').next()?;
+                        (u16::from_str_radix(local_port, 16).ok()? == *port)
+                            .then(|| fields.last()?.parse::<u64>().ok())
+                            .flatten()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .sum();
+        gauge!(UDP_KERNEL_DROPS, "port" => *name).set(drops as f64);
+    }
+}
+
 /// Serves `GET /metrics` (HTTP/1.0-style: one response, then close) until `cancel`.
-pub async fn serve(listener: TcpListener, handle: PrometheusHandle, cancel: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    cancel: CancellationToken,
+    udp_ports: Vec<(&'static str, u16)>,
+) {
+    let udp_ports: std::sync::Arc<[(&'static str, u16)]> = udp_ports.into();
     loop {
         let (mut stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -112,7 +144,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, cancel: Canc
                 }
             },
         };
-        let handle = handle.clone();
+        let (handle, udp_ports) = (handle.clone(), std::sync::Arc::clone(&udp_ports));
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
@@ -121,6 +153,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, cancel: Canc
             let response = if request.starts_with("GET /metrics ")
                 || request.starts_with("GET /metrics\r")
             {
+                record_udp_kernel_drops(&udp_ports);
                 handle.run_upkeep();
                 let body = handle.render();
                 format!(

@@ -237,3 +237,86 @@ fn metrics_count_requests_by_flow_transport_and_outcome() {
     stream.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
 }
+
+#[test]
+fn a_frame_declaring_4_gib_is_refused_from_its_header_and_counted() {
+    let (l, metrics) = start(&[]);
+    // "RG" v1, flow 0, kind 1, no flags, status 0, request id 0x0a0b0c0d, length 2^32-1.
+    let mut header = b"RG\x01\x00\x01\x00\x00\x00\x0a\x0b\x0c\x0d".to_vec();
+    header.extend_from_slice(&u32::MAX.to_be_bytes());
+    let mut stream = connect(l.ports.envelope_tcp);
+    stream.write_all(&header).unwrap();
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    assert!(
+        reply.len() >= 16,
+        "a 400 frame before the close: {reply:02x?}"
+    );
+    assert_eq!(&reply[6..8], &400u16.to_be_bytes());
+    assert_eq!(
+        &reply[8..12],
+        &[0x0a, 0x0b, 0x0c, 0x0d],
+        "the request id echoed"
+    );
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_closed_total{port=\"envelope\",reason=\"bad_frame\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    // Nothing was reserved for it: the listener answers the next peer as before.
+    let pk = public_key(l.ports.cert);
+    assert_eq!(pk.ciphertext_len(), 256);
+}
+
+#[test]
+fn a_udp_flood_from_one_source_is_cut_off_by_its_rate_limit_and_counted() {
+    // 5,000 datagrams as fast as one socket sends them; 20 tokens, 20/s refill.
+    let (l, metrics) = start(&["--rate-per-source", "20", "--burst", "20"]);
+    let ct = bogus_request(&l);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..5_000 {
+        socket.send_to(&ct, l.ports.reg_udp).unwrap();
+    }
+    // Every datagram ends somewhere a counter sees: refused by the bucket, decrypted
+    // (and answered 401), shed by the crypto queue, or dropped by the kernel because
+    // the socket's receive buffer was full. Poll the counters until all are accounted.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let (limited, served, kernel) = loop {
+        let text = scrape(metrics);
+        let limited = sample(
+            &text,
+            "registrar_rate_limited_total{flow=\"ijam_register\",transport=\"udp\"}",
+        );
+        let served = sample(
+            &text,
+            "registrar_requests_total{flow=\"ijam_register\",transport=\"udp\",outcome=\"invalid_passphrase\"}",
+        );
+        let shed = sample(
+            &text,
+            "registrar_shed_total{flow=\"ijam_register\",transport=\"udp\"}",
+        );
+        let kernel = sample(&text, "registrar_udp_receive_buffer_drops{port=\"reg\"}");
+        if limited + served + shed + kernel >= 5_000.0 || std::time::Instant::now() > deadline {
+            break (limited, served, kernel);
+        }
+        std::thread::yield_now();
+    };
+    assert!(
+        limited + kernel >= 4_700.0,
+        "{limited} limited, {kernel} dropped by the kernel, {served} served"
+    );
+    // 20 at once plus 20/s for however long the flood took: a few dozen RSA operations.
+    assert!(
+        served <= 20.0 + 20.0 * 10.0,
+        "{served} decryptions for one flooding source"
+    );
+    assert_eq!(
+        tcp_exchange(l.ports.reg_tcp, &ct),
+        RATE_LIMITED,
+        "the same source stays limited"
+    );
+}
