@@ -17,15 +17,11 @@
 
 use std::cell::Cell;
 use std::hint::black_box;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tempfile::TempDir;
 use tokio::runtime::Runtime;
 use uuid::Uuid;
 
@@ -312,105 +308,12 @@ fn registration(c: &mut Criterion) {
     drop(sqlite_dir);
 }
 
-/// A private, throwaway `redis-server`: its own loopback port and directory, no
-/// persistence, killed on drop. Never the shared server on 6379.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-    _dir: TempDir,
-}
-
-impl PrivateRedis {
-    fn start() -> Option<PrivateRedis> {
-        let dir = tempfile::tempdir().expect("temp dir for redis-server");
-        let mut failures = Vec::new();
-        for _ in 0..5 {
-            let port = free_port();
-            let spawned = Command::new("redis-server")
-                .arg("--port")
-                .arg(port.to_string())
-                .args(["--bind", "127.0.0.1"])
-                .arg("--dir")
-                .arg(dir.path())
-                .arg("--logfile")
-                .arg(dir.path().join("redis.log"))
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let mut child = match spawned {
-                Ok(child) => child,
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    println!("skipped: ijam/registration*/redis (redis-server not on PATH)");
-                    return None;
-                }
-                Err(e) => panic!("cannot run redis-server: {e}"),
-            };
-            match wait_ready(&mut child, port) {
-                Ok(()) => {
-                    return Some(PrivateRedis {
-                        child,
-                        port,
-                        _dir: dir,
-                    });
-                }
-                Err(why) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    failures.push(format!("port {port}: {why}"));
-                }
-            }
-        }
-        panic!("redis-server did not start:\n{}", failures.join("\n"));
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!("redis-server exited with {status}"));
-        }
-        if ping(addr) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err("no PONG within 10 s".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
-fn ping(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut reply = [0u8; 7];
-    stream.write_all(b"*1\r\n$4\r\nPING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
-}
+/// The test suites' private `redis-server` (own loopback port and directory, killed
+/// on drop), shared rather than copied.
+#[path = "../tests/integration/support/redis_server.rs"]
+#[allow(dead_code)]
+mod redis_server;
+use redis_server::PrivateRedis;
 
 criterion_group!(
     benches,
