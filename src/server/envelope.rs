@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 
 use super::admission::RateLimiter;
 use super::pool::CryptoPool;
-use super::{MAX_DATAGRAM, ServerConfig, bind_pair, metrics, now_ms};
+use super::{ServerConfig, bind_pair, metrics, now_ms};
 use crate::codec::{EnvelopeCodec, EnvelopeCodecError, EnvelopeFrame};
 use crate::crypto::{self, StorageKey, ecdsa::SigningKey};
 use crate::flow::core::CoreFlow;
@@ -262,42 +262,26 @@ impl<S: Store> EnvelopeServer<S> {
     }
 
     async fn udp_loop(self: Arc<Self>, socket: UdpSocket, tracker: TaskTracker) {
-        let socket = Arc::new(socket);
-        let in_flight = Arc::new(Semaphore::new(self.config.max_udp_in_flight));
         let codec = EnvelopeCodec::new(self.max_payload);
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        loop {
-            let received = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                r = socket.recv_from(&mut buf) => r,
-            };
-            let (len, peer) = match received {
-                Ok(r) => r,
-                Err(e) => {
-                    debug!(error = %e, "udp receive error");
-                    continue;
+        let (max_in_flight, cancel) = (self.config.max_udp_in_flight, self.shutdown.clone());
+        super::serve_datagrams(
+            socket,
+            max_in_flight,
+            "envelope",
+            cancel,
+            tracker,
+            move |datagram, peer| {
+                let server = Arc::clone(&self);
+                async move {
+                    let reply = match codec.decode_datagram(datagram) {
+                        Ok(frame) => server.handle(frame, peer, "udp").await,
+                        Err(bad) => server.bad_frame(&bad, peer, "udp"),
+                    };
+                    reply.map(|reply| reply.to_vec())
                 }
-            };
-            let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
-                debug!(%peer, "udp requests in flight at their limit; dropping datagram");
-                metrics::shed("envelope", "udp");
-                continue;
-            };
-            let datagram = Bytes::copy_from_slice(&buf[..len]);
-            let (server, socket) = (Arc::clone(&self), Arc::clone(&socket));
-            tracker.spawn(async move {
-                let reply = match codec.decode_datagram(datagram) {
-                    Ok(frame) => server.handle(frame, peer, "udp").await,
-                    Err(bad) => server.bad_frame(&bad, peer, "udp"),
-                };
-                if let Some(reply) = reply
-                    && let Err(e) = socket.send_to(&reply.to_vec(), peer).await
-                {
-                    debug!(%peer, error = %e, "udp send failed");
-                }
-                drop(permit);
-            });
-        }
+            },
+        )
+        .await
     }
 
     /// Bytes that are no frame: logged, counted, and a 400 when the id was readable.

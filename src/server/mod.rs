@@ -515,8 +515,44 @@ async fn udp_loop<S: Store>(
     tracker: TaskTracker,
     port: Port,
 ) {
+    let max_in_flight = server.config.max_udp_in_flight;
+    serve_datagrams(
+        socket,
+        max_in_flight,
+        port.flow(),
+        cancel,
+        tracker,
+        move |datagram, peer| {
+            let server = Arc::clone(&server);
+            async move {
+                let reply = match port {
+                    Port::Register => server.register_request(datagram, peer, "udp").await,
+                    Port::State => Some(server.state_request(datagram, peer, "udp").await),
+                };
+                reply.map(|(reply, _)| reply)
+            }
+        },
+    )
+    .await
+}
+
+/// Serves a UDP socket until `cancel`: one task per datagram, at most `max_in_flight`
+/// at once (the rest are dropped and counted as shed for `flow`), each reply sent back
+/// to its datagram's source. Only a dead socket would end it; receive errors (ICMP
+/// from earlier sends) are skipped.
+pub(crate) async fn serve_datagrams<F, Fut>(
+    socket: UdpSocket,
+    max_in_flight: usize,
+    flow: &'static str,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    handle: F,
+) where
+    F: Fn(Bytes, SocketAddr) -> Fut,
+    Fut: Future<Output = Option<Vec<u8>>> + Send + 'static,
+{
     let socket = Arc::new(socket);
-    let in_flight = Arc::new(Semaphore::new(server.config.max_udp_in_flight));
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let received = tokio::select! {
@@ -526,25 +562,21 @@ async fn udp_loop<S: Store>(
         let (len, peer) = match received {
             Ok(r) => r,
             Err(e) => {
-                // ICMP errors from earlier sends surface here; they do not kill the port.
                 debug!(error = %e, "udp receive error");
                 continue;
             }
         };
         let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
             debug!(%peer, "udp requests in flight at their limit; dropping datagram");
-            metrics::shed(port.flow(), "udp");
+            metrics::shed(flow, "udp");
             continue;
         };
-        let datagram = Bytes::copy_from_slice(&buf[..len]);
-        let (server, socket) = (Arc::clone(&server), Arc::clone(&socket));
+        let reply = handle(Bytes::copy_from_slice(&buf[..len]), peer);
+        let socket = Arc::clone(&socket);
         tracker.spawn(async move {
-            let reply = match port {
-                Port::Register => server.register_request(datagram, peer, "udp").await,
-                Port::State => Some(server.state_request(datagram, peer, "udp").await),
-            };
-            let Some((reply, _)) = reply else { return };
-            if let Err(e) = socket.send_to(&reply, peer).await {
+            if let Some(reply) = reply.await
+                && let Err(e) = socket.send_to(&reply, peer).await
+            {
                 debug!(%peer, error = %e, "udp send failed");
             }
             drop(permit);

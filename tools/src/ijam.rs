@@ -72,6 +72,24 @@ impl Server {
         Ok(addrs)
     }
 
+    /// A TCP read or write that failed mid-exchange: the server went away or stalled.
+    fn tcp_failure(
+        &self,
+        peer: std::net::SocketAddr,
+        port_name: &str,
+        port: u16,
+        e: &io::Error,
+    ) -> anyhow::Error {
+        fail(
+            Kind::Unreachable,
+            format!(
+                "{peer} ({}): {}",
+                what(port_name, port, Transport::Tcp),
+                io_reason(e, self.timeout)
+            ),
+        )
+    }
+
     fn connect(&self, port: u16, port_name: &str) -> Result<TcpStream> {
         let mut last = None;
         for addr in self.resolve(port)? {
@@ -100,16 +118,7 @@ impl Server {
         let name = "certificate";
         let mut stream = self.connect(port, name)?;
         let peer = stream.peer_addr()?;
-        let io_fail = |e: io::Error| {
-            fail(
-                Kind::Unreachable,
-                format!(
-                    "{peer} ({}): {}",
-                    what(name, port, Transport::Tcp),
-                    io_reason(&e, self.timeout)
-                ),
-            )
-        };
+        let io_fail = |e: io::Error| self.tcp_failure(peer, name, port, &e);
         stream.write_all(&CERT_REQUEST).map_err(io_fail)?;
         // The server keeps the connection open: read the padded minimum, and beyond it
         // only while the PEM is still unfinished.
@@ -197,16 +206,7 @@ impl Server {
         total_len: impl Fn(Status) -> Option<usize>,
     ) -> Result<Vec<u8>> {
         let peer = stream.peer_addr()?;
-        let io_fail = |e: io::Error| {
-            fail(
-                Kind::Unreachable,
-                format!(
-                    "{peer} ({}): {}",
-                    what(port_name, port, Transport::Tcp),
-                    io_reason(&e, self.timeout)
-                ),
-            )
-        };
+        let io_fail = |e: io::Error| self.tcp_failure(peer, port_name, port, &e);
         stream.write_all(request).map_err(io_fail)?;
         let deadline = Instant::now() + self.timeout;
         let mut reply = [0u8; MAX_ERROR_REPLY];
