@@ -7,6 +7,12 @@
 //! that waited longer than `target` are shed at their turn (cheaply, without the
 //! private-key work) until one comes through within it. A burst that drains within
 //! the interval (a fleet powering on) is served in full; a standing queue is not.
+//!
+//! Under load a worker also hands results back in small batches: it runs the tasks
+//! already queued (up to [`MAX_BATCH`], for at most [`BATCH_TIME`]) before waking any
+//! of their callers. The reactor then wakes once for the batch, and their store
+//! commands leave in one write instead of one each: on 2 cores that was the largest
+//! cost beside the crypto itself. A lone task is answered as soon as it is done.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
@@ -16,7 +22,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-type Task = Box<dyn FnOnce() + Send>;
+/// A task's work: it returns what hands the result to the caller.
+type Task = Box<dyn FnOnce() -> Completion + Send>;
+type Completion = Box<dyn FnOnce() + Send>;
+
+/// Tasks one worker runs before it hands their results back, at most.
+pub const MAX_BATCH: usize = 8;
+/// A worker stops adding tasks to a batch after this much work, so the first one's
+/// caller does not wait long (one RSA-4096 decryption is about this long).
+pub const BATCH_TIME: Duration = Duration::from_millis(1);
 
 /// How long the queue may stand above the target before shedding starts.
 pub const INTERVAL: Duration = Duration::from_millis(100);
@@ -90,12 +104,26 @@ impl CryptoPool {
             thread::Builder::new()
                 .name(format!("crypto-{i}"))
                 .spawn(move || {
+                    let mut done = Vec::with_capacity(MAX_BATCH);
+                    // The lock is held only while taking a task, never while running one.
                     loop {
-                        // The lock is held only while waiting for the next task.
+                        // Bound first: a guard in a `while let` would live through the body.
                         let next = tasks.lock().map(|rx| rx.recv());
-                        match next {
-                            Ok(Ok(task)) => task(),
-                            _ => return,
+                        let Ok(Ok(first)) = next else { return };
+                        let started = Instant::now();
+                        done.push(first());
+                        while done.len() < MAX_BATCH && started.elapsed() < BATCH_TIME {
+                            // A busy lock means another worker is waiting on an empty
+                            // queue: nothing more to batch, and waiting would stall
+                            // this batch until the next task arrives.
+                            let next = tasks.try_lock().map(|rx| rx.try_recv());
+                            match next {
+                                Ok(Ok(task)) => done.push(task()),
+                                _ => break,
+                            }
+                        }
+                        for complete in done.drain(..) {
+                            complete();
                         }
                     }
                 })?;
@@ -129,9 +157,11 @@ impl CryptoPool {
             } else {
                 Ok(work())
             };
-            // Counted out before the caller can see the result.
-            depth.fetch_sub(1, Ordering::Relaxed);
-            let _ = done.send(outcome);
+            Box::new(move || {
+                // Counted out before the caller can see the result.
+                depth.fetch_sub(1, Ordering::Relaxed);
+                let _ = done.send(outcome);
+            })
         });
         match self.queue.try_send(task) {
             Ok(()) => result.await.unwrap_or(Err(Overloaded)),
@@ -198,6 +228,35 @@ mod tests {
         assert!(!s.shed(ms(10), t0 + ms(304)));
         // ...but long after, it gets a fresh interval, as a burst would.
         assert!(!s.shed(ms(25), t0 + ms(2000)));
+    }
+
+    #[tokio::test]
+    async fn a_lone_task_is_answered_while_another_worker_waits_for_work() {
+        // One worker waits on the empty queue while the other finishes a task: the
+        // result must not wait for a next task to arrive (each run waits for the last).
+        let pool = CryptoPool::new(2, 16, None).unwrap();
+        for i in 0..200 {
+            let answered = tokio::time::timeout(Duration::from_secs(10), pool.run(move || i)).await;
+            assert_eq!(answered, Ok(Ok(i)), "task {i} was held back");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_task_of_a_batch_gets_its_own_result() {
+        let pool = CryptoPool::new(2, 256, None).unwrap();
+        let mut runs = tokio::task::JoinSet::new();
+        for i in 0..200u64 {
+            let pool = pool.clone();
+            runs.spawn(async move { (i, pool.run(move || i * i).await) });
+        }
+        let mut answered = 0;
+        while let Some(done) = runs.join_next().await {
+            let (i, result) = done.unwrap();
+            assert_eq!(result, Ok(i * i));
+            answered += 1;
+        }
+        assert_eq!(answered, 200);
+        assert_eq!(pool.depth(), 0);
     }
 
     #[tokio::test]

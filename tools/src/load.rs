@@ -190,6 +190,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
     }
     let rss_before = args.listener_pid.map(process_rss_kib).transpose()?;
     let cpu_before = args.listener_pid.map(process_cpu_seconds).transpose()?;
+    let threads_before = args.listener_pid.map(thread_cpu_seconds).transpose()?;
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -229,6 +230,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         (Some(pid), Some(before)) => Some(process_cpu_seconds(pid)? - before),
         _ => None,
     };
+    let threads_after = args.listener_pid.map(thread_cpu_seconds).transpose()?;
     let rss_after = args.listener_pid.map(process_rss_kib).transpose()?;
     drop(idle);
 
@@ -260,6 +262,10 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_registration": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
+        "listener_cpu_us_per_registration_by_thread": match (&threads_before, &threads_after) {
+            (Some(b), Some(a)) => thread_cpu_us_per_op(b, a, ok),
+            _ => serde_json::Value::Null,
+        },
         "idle_connections": args.idle_connections,
         "listener_rss_kib": { "before": rss_before, "after": rss_after },
     }))
@@ -328,7 +334,22 @@ pub fn summary(r: &serde_json::Value) -> String {
             "\nlistener CPU: {cpu:.2} s user+sys, {per:.1} µs per registration"
         ));
     }
+    text.push_str(&threads_summary(
+        &r["listener_cpu_us_per_registration_by_thread"],
+    ));
     text
+}
+
+/// "crypto 231.0, io 30.5, …" from a by-thread CPU object, or "".
+pub(crate) fn threads_summary(by_thread: &serde_json::Value) -> String {
+    let Some(kinds) = by_thread.as_object() else {
+        return String::new();
+    };
+    let parts: Vec<String> = kinds
+        .iter()
+        .map(|(kind, us)| format!("{kind} {}", us.as_f64().unwrap_or(0.0)))
+        .collect();
+    format!("\nof which, µs by thread: {}", parts.join(", "))
 }
 
 fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
@@ -437,22 +458,72 @@ fn process_rss_kib(pid: u32) -> Result<u64> {
 pub(crate) fn process_cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("--listener-pid {pid}: no such process"))?;
+    stat_cpu_seconds(&stat)
+}
+
+/// CPU seconds (user + sys) in the text of a /proc stat file.
+fn stat_cpu_seconds(stat: &str) -> Result<f64> {
     // Fields after the command name (which may contain spaces) start after ") ".
     let rest = stat
         .rsplit_once(") ")
         .map(|(_, r)| r)
         .ok_or_else(|| anyhow!("odd /proc stat"))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields
-        .get(11)
-        .ok_or_else(|| anyhow!("odd /proc stat"))?
-        .parse()?;
-    let stime: f64 = fields
-        .get(12)
-        .ok_or_else(|| anyhow!("odd /proc stat"))?
-        .parse()?;
+    let ticks = |i: usize| -> Result<f64> {
+        Ok(fields
+            .get(i)
+            .ok_or_else(|| anyhow!("odd /proc stat"))?
+            .parse()?)
+    };
     // USER_HZ is 100 on every Linux this runs on.
-    Ok((utime + stime) / 100.0)
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// CPU seconds used so far by each kind of thread of a process (threads named
+/// `crypto-0`, `crypto-1`… count as `crypto`), from /proc/PID/task: where a
+/// listener's time goes beside the private-key work, whatever the machine's speed.
+pub(crate) fn thread_cpu_seconds(pid: u32) -> Result<BTreeMap<String, f64>> {
+    let mut by_kind = BTreeMap::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("--listener-pid {pid}: no such process"))?;
+    for task in tasks {
+        let dir = task?.path();
+        // A thread may end between listing and reading: it is simply not counted.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(dir.join("comm")),
+            std::fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue;
+        };
+        let comm = comm.trim_end();
+        let kind = comm
+            .trim_end_matches(|c: char| c.is_ascii_digit())
+            .trim_end_matches('-');
+        *by_kind.entry(kind.to_string()).or_default() += stat_cpu_seconds(&stat)?;
+    }
+    Ok(by_kind)
+}
+
+/// CPU µs per completed operation by thread kind, between two `thread_cpu_seconds`.
+pub(crate) fn thread_cpu_us_per_op(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    ops: u64,
+) -> serde_json::Value {
+    if ops == 0 {
+        return serde_json::Value::Null;
+    }
+    after
+        .iter()
+        .map(|(kind, secs)| {
+            let used = secs - before.get(kind).copied().unwrap_or(0.0);
+            (
+                kind.clone(),
+                json!((used * 1e7 / ops as f64).round() / 10.0),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 struct Worker {

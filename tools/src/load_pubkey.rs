@@ -54,6 +54,12 @@ pub struct LoadPubkeyArgs {
     /// The listener's process id: report its CPU time over the window.
     #[arg(long)]
     listener_pid: Option<u32>,
+    /// Requests each connection keeps in flight: it sends this many frames at once
+    /// (one write on TCP), then reads their replies, matched by request id. 1 is
+    /// one request at a time, as a device does; more is a gateway multiplexing many
+    /// devices over one connection.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pipeline: u32,
 }
 
 enum Conn {
@@ -79,18 +85,48 @@ impl Conn {
         })
     }
 
-    /// One frame out, one reply frame back: its status and payload.
-    async fn exchange(&mut self, frame: &[u8]) -> Result<(u16, Vec<u8>)> {
-        let reply = match self {
+    /// Sends `frames` at once and reads one reply to each: their statuses and
+    /// payloads, in the order of `frames` whatever order the replies came in.
+    async fn exchange(&mut self, frames: &[Vec<u8>]) -> Result<Vec<(u16, Vec<u8>)>> {
+        let mut ids = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let (header, _) =
+                pubkey::parse_reply(frame, u32::MAX).map_err(|e| anyhow!("{:?}", e.error))?;
+            ids.push(header.request_id);
+        }
+        let mut replies: Vec<Option<(u16, Vec<u8>)>> = vec![None; frames.len()];
+        match self {
             Conn::Udp(socket) => {
-                socket.send(frame).await?;
+                for frame in frames {
+                    socket.send(frame).await?;
+                }
+            }
+            Conn::Tcp(stream) => stream.write_all(&frames.concat()).await?,
+        }
+        for _ in 0..frames.len() {
+            let reply = self.read_reply().await?;
+            let (header, payload) = pubkey::parse_reply(&reply, u32::MAX)
+                .map_err(|e| anyhow!("bad reply frame: {:?}", e.error))?;
+            let slot = ids
+                .iter()
+                .position(|id| *id == header.request_id)
+                .and_then(|i| replies.get_mut(i).filter(|r| r.is_none()))
+                .ok_or_else(|| anyhow!("reply to request {} not asked for", header.request_id))?;
+            *slot = Some((header.status.0, payload.to_vec()));
+        }
+        Ok(replies.into_iter().flatten().collect())
+    }
+
+    /// One whole reply frame.
+    async fn read_reply(&mut self) -> Result<Vec<u8>> {
+        Ok(match self {
+            Conn::Udp(socket) => {
                 let mut buf = vec![0u8; 65_536];
                 let n = socket.recv(&mut buf).await?;
                 buf.truncate(n);
                 buf
             }
             Conn::Tcp(stream) => {
-                stream.write_all(frame).await?;
                 let mut reply = vec![0u8; HEADER_LEN];
                 stream.read_exact(&mut reply).await?;
                 let len = u32::from_be_bytes(reply[12..16].try_into().expect("4 bytes")) as usize;
@@ -101,10 +137,7 @@ impl Conn {
                 stream.read_exact(&mut reply[HEADER_LEN..]).await?;
                 reply
             }
-        };
-        let (header, payload) = pubkey::parse_reply(&reply, u32::MAX)
-            .map_err(|e| anyhow!("bad reply frame: {:?}", e.error))?;
-        Ok((header.status.0, payload.to_vec()))
+        })
     }
 }
 
@@ -151,8 +184,9 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         for i in 0..args.connections {
             let (id, key) = device()?;
             let (status, _) = conn
-                .exchange(&pubkey::register_frame(i as u32, id, &key)?)
-                .await?;
+                .exchange(&[pubkey::register_frame(i as u32, id, &key)?])
+                .await?
+                .remove(0);
             if status != 201 {
                 bail!("registering a load device: status {status}");
             }
@@ -164,6 +198,10 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         .listener_pid
         .map(crate::load::process_cpu_seconds)
         .transpose()?;
+    let threads_before = args
+        .listener_pid
+        .map(crate::load::thread_cpu_seconds)
+        .transpose()?;
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -172,6 +210,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
     for _ in 0..args.connections {
         let (next, done, prepared) = (Arc::clone(&next), Arc::clone(&done), Arc::clone(&prepared));
         let (mode, count, udp, timeout) = (args.mode, args.count, args.udp, args.timeout);
+        let pipeline = args.pipeline as usize;
         let device = devices.next();
         workers.spawn(async move {
             let mut histogram = crate::load::latency_histogram()?;
@@ -179,41 +218,72 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
             let mut conn = Conn::open(addr, udp).await?;
             let mut request_id = 0u32;
             loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
+                let first = next.fetch_add(pipeline, Ordering::Relaxed);
+                if first >= count {
                     break;
                 }
+                let batch = first..(first + pipeline).min(count);
                 let sent = Instant::now();
                 let outcome = match (mode, &device) {
                     (Mode::Register, _) => {
-                        tokio::time::timeout(timeout, conn.exchange(&prepared[i])).await
+                        tokio::time::timeout(timeout, conn.exchange(&prepared[batch.clone()])).await
                     }
                     (Mode::Attest, Some((id, key))) => {
-                        request_id = request_id.wrapping_add(2);
                         tokio::time::timeout(timeout, async {
-                            let (status, payload) = conn
-                                .exchange(&pubkey::challenge_frame(request_id, *id))
-                                .await?;
-                            if status != 200 {
-                                return Ok((status, payload));
+                            let challenges: Vec<Vec<u8>> = batch
+                                .clone()
+                                .map(|_| {
+                                    request_id = request_id.wrapping_add(1);
+                                    pubkey::challenge_frame(request_id, *id)
+                                })
+                                .collect();
+                            let mut results = conn.exchange(&challenges).await?;
+                            let mut attests = Vec::new();
+                            let mut slots = Vec::new();
+                            for (slot, (status, payload)) in results.iter().enumerate() {
+                                if *status != 200 {
+                                    continue;
+                                }
+                                let nonce =
+                                    parse_challenge_reply(payload).map_err(|e| anyhow!("{e}"))?;
+                                request_id = request_id.wrapping_add(1);
+                                attests.push(pubkey::attest_frame(request_id, *id, nonce, key)?);
+                                slots.push(slot);
                             }
-                            let nonce =
-                                parse_challenge_reply(&payload).map_err(|e| anyhow!("{e}"))?;
-                            conn.exchange(&pubkey::attest_frame(request_id + 1, *id, nonce, key)?)
-                                .await
+                            for (slot, result) in
+                                slots.into_iter().zip(conn.exchange(&attests).await?)
+                            {
+                                results[slot] = result;
+                            }
+                            anyhow::Ok(results)
                         })
                         .await
                     }
                     (Mode::Attest, None) => unreachable!("one device per connection"),
                 };
-                let name = match outcome {
-                    Ok(Ok((status, _))) => status.to_string(),
-                    Ok(Err(_)) => "io_error".into(),
-                    Err(_) => "no_reply".into(),
+                let names: Vec<String> = match outcome {
+                    Ok(Ok(results)) => results
+                        .into_iter()
+                        .map(|(status, _)| status.to_string())
+                        .collect(),
+                    failed => {
+                        // Replies still on their way would be read as answers to the
+                        // next batch: start over on a fresh connection.
+                        conn = Conn::open(addr, udp).await?;
+                        let name = if failed.is_err() {
+                            "no_reply"
+                        } else {
+                            "io_error"
+                        };
+                        vec![name.into(); batch.len()]
+                    }
                 };
-                histogram.saturating_record(sent.elapsed().as_micros().max(1) as u64);
-                *outcomes.entry(name).or_default() += 1;
-                done.fetch_add(1, Ordering::Relaxed);
+                let latency = sent.elapsed().as_micros().max(1) as u64;
+                for name in names {
+                    histogram.saturating_record(latency);
+                    *outcomes.entry(name).or_default() += 1;
+                }
+                done.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             anyhow::Ok((histogram, outcomes))
         });
@@ -235,6 +305,10 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         (Some(pid), Some(before)) => Some(crate::load::process_cpu_seconds(pid)? - before),
         _ => None,
     };
+    let threads_after = args
+        .listener_pid
+        .map(crate::load::thread_cpu_seconds)
+        .transpose()?;
     let success = if args.mode == Mode::Register {
         "201"
     } else {
@@ -252,11 +326,15 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
         "listener_cpu_us_per_operation": cpu.filter(|_| ok > 0).map(|c| c * 1e6 / ok as f64),
+        "listener_cpu_us_per_operation_by_thread": match (&threads_before, &threads_after) {
+            (Some(b), Some(a)) => crate::load::thread_cpu_us_per_op(b, a, ok),
+            _ => serde_json::Value::Null,
+        },
     }))
 }
 
 pub fn summary(r: &serde_json::Value) -> String {
-    format!(
+    let text = format!(
         "{} {}s in {:.2} s over {} {} connections: {:.1}/s\n\
          latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}\n\
          outcomes by status: {}",
@@ -278,5 +356,6 @@ pub fn summary(r: &serde_json::Value) -> String {
                 .collect::<Vec<_>>()
                 .join(", "))
             .unwrap_or_default(),
-    )
+    );
+    text + &crate::load::threads_summary(&r["listener_cpu_us_per_operation_by_thread"])
 }
