@@ -7,7 +7,10 @@
 # then `registrar-node load pubkey` for register and attest over TCP and UDP against a
 # listener on that Redis. Needs `cargo build --release`. Traffic stays on 127.0.0.1.
 #
-#   tools/perf/pubkey.sh [COUNT]
+#   [PIPELINE=8] tools/perf/pubkey.sh [COUNT]
+#
+# PIPELINE is the requests each of the 32 connections keeps in flight (--pipeline of
+# the load tool; 1 = one at a time, as a lone device does).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 count=${1:-30000}
@@ -53,6 +56,7 @@ for mode in register attest; do
         udp=(); [ "$transport" = udp ] && udp=(--udp)
         REGISTRAR_LOG=warn "$bin/registrar-node" load pubkey --server 127.0.0.1 \
             --envelope-port "$env_port" --mode "$mode" --count "$count" --connections 32 \
-            --listener-pid "$listener" "${udp[@]}" | head -1
+            --pipeline "${PIPELINE:-8}" --listener-pid "$listener" "${udp[@]}" \
+            | awk -v bound="$((2 * ${verify%.*}))" 'NR == 1 { print; match($0, /[0-9.]+\/s$/); rate = substr($0, RSTART, RLENGTH - 2); printf "  = %.2f of bound A (%d/s)\n", rate / bound, bound } /^listener CPU|^of which/ { print "  " $0 }' 
     done
 done

@@ -357,5 +357,14 @@ pub fn summary(r: &serde_json::Value) -> String {
                 .join(", "))
             .unwrap_or_default(),
     );
-    text + &crate::load::threads_summary(&r["listener_cpu_us_per_operation_by_thread"])
+    let cpu = match (
+        r["listener_cpu_seconds"].as_f64(),
+        r["listener_cpu_us_per_operation"].as_f64(),
+    ) {
+        (Some(cpu), Some(per)) => {
+            format!("\nlistener CPU: {cpu:.2} s user+sys, {per:.1} µs per operation")
+        }
+        _ => String::new(),
+    };
+    text + &cpu + &crate::load::threads_summary(&r["listener_cpu_us_per_operation_by_thread"])
 }

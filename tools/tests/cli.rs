@@ -539,6 +539,10 @@ fn the_load_tool_mints_its_passphrases_registers_them_all_and_reports() {
         assert_eq!(report["outcomes"]["200"], 60, "{report}");
         assert!(report["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
         assert!(report["listener_cpu_seconds"].as_f64().is_some());
+        assert!(
+            report["listener_cpu_us_per_registration_by_thread"]["crypto"].is_number(),
+            "{report}"
+        );
         let network = report["network"].as_str().unwrap();
         let nodes = l.admin(&["--json", "node", "list", "--network", network]);
         let nodes: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
@@ -740,4 +744,42 @@ fn the_pubkey_load_tool_registers_and_attests() {
         40 + 40 + 4 + 4,
         "register runs plus one device per attest connection"
     );
+}
+
+#[test]
+fn the_pubkey_load_tool_pipelines_requests_and_counts_every_one() {
+    let l = Listener::start();
+    let load = |mode: &str, count: &str, pipeline: &str, transport: &[&str]| {
+        let run = node(
+            &[
+                &["--json", "load", "pubkey", "--server", "127.0.0.1"] as &[&str],
+                &["--envelope-port", &l.envelope.port().to_string()],
+                &["--mode", mode, "--count", count, "--connections", "2"],
+                &["--pipeline", pipeline],
+                &["--listener-pid", &l.child.id().to_string()],
+                transport,
+            ]
+            .concat(),
+        )
+        .expect(0);
+        serde_json::from_str::<serde_json::Value>(&run.stdout).unwrap()
+    };
+    for transport in [&[] as &[&str], &["--udp"]] {
+        // 41 is not a multiple of 2 × 4: the last batch is a short one.
+        let report = load("register", "41", "4", transport);
+        assert_eq!(report["completed"], 41, "{report}");
+        assert_eq!(report["outcomes"]["201"], 41, "{report}");
+        assert!(
+            report["listener_cpu_us_per_operation_by_thread"]["crypto"].is_number(),
+            "{report}"
+        );
+        let report = load("attest", "30", "4", transport);
+        assert_eq!(report["completed"], 30, "{report}");
+        assert_eq!(report["outcomes"]["200"], 30, "{report}");
+    }
+    // Every registration reached the store: 2 × 41, plus the 2 devices each attest run
+    // registers before its window.
+    let out = l.admin(&["--json", "device", "list"]);
+    let devices: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(devices.len(), 2 * 41 + 2 * 2);
 }
