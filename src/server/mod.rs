@@ -117,18 +117,37 @@ pub(crate) fn listen(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener>
     socket.listen(4096)
 }
 
+/// What a UDP socket asks the kernel to buffer before the listener reads: a fleet that
+/// powers on at once, or a gateway with requests in flight, sends datagrams in bursts,
+/// and the default (~208 KiB, ~270 small datagrams) dropped some of a 256-datagram
+/// burst. The kernel caps it at net.core.rmem_max.
+pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// A UDP socket with a receive buffer of [`UDP_RECEIVE_BUFFER`] (or what the kernel
+/// allows).
+pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        warn!(%addr, error = %e, "cannot enlarge the UDP receive buffer; keeping the default");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
 /// TCP and UDP on the same port number.
 pub(crate) async fn bind_pair(
     ip: std::net::IpAddr,
     port: u16,
 ) -> io::Result<(TcpListener, UdpSocket)> {
     if port != 0 {
-        return Ok((listen(ip, port)?, UdpSocket::bind((ip, port)).await?));
+        return Ok((listen(ip, port)?, bind_udp((ip, port).into())?));
     }
     let mut last = None;
     for _ in 0..64 {
         let tcp = listen(ip, 0)?;
-        match UdpSocket::bind(tcp.local_addr()?).await {
+        match bind_udp(tcp.local_addr()?) {
             Ok(udp) => return Ok((tcp, udp)),
             Err(e) => last = Some(e),
         }
@@ -581,5 +600,26 @@ pub(crate) async fn serve_datagrams<F, Fut>(
             }
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn udp_sockets_get_a_receive_buffer_for_bursts() {
+        let (_tcp, udp) = bind_pair("127.0.0.1".parse().unwrap(), 0).await.unwrap();
+        let granted = socket2::SockRef::from(&udp).recv_buffer_size().unwrap();
+        // Linux grants the smaller of the request and rmem_max, and reports it doubled
+        // (bookkeeping overhead).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(UDP_RECEIVE_BUFFER);
+        assert!(
+            granted >= 2 * UDP_RECEIVE_BUFFER.min(cap),
+            "receive buffer {granted} B, rmem_max {cap} B"
+        );
     }
 }
