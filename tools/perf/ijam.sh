@@ -60,5 +60,7 @@ per_reg = r.get("listener_cpu_us_per_registration")
 print(f"throughput {r['registrations_per_second']:.0f}/s = {r['registrations_per_second']/bound:.2f} of bound {bound:.0f}/s")
 if per_reg:
     print(f"listener CPU {per_reg:.1f} µs/registration; efficiency vs openssl {1e6/sign/per_reg:.2f}")
+    by = r.get("listener_cpu_us_per_registration_by_thread") or {}
+    print("  of which, µs by thread: " + ", ".join(f"{k} {v}" for k, v in by.items() if v))
 EOF
 echo "listener RSS: $(awk '/VmRSS/{print $2, $3}' /proc/$listener/status)"
