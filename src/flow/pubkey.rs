@@ -5,8 +5,10 @@
 //!
 //! [`PubkeyError::status`] is the one place errors become wire statuses.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use aws_lc_rs::constant_time;
 
@@ -206,11 +208,55 @@ fn nonce_tag(
 pub struct PubkeyFlow<S> {
     storage: StorageKey,
     store: Arc<S>,
+    keys: KnownKeys,
+}
+
+/// Public keys of devices this listener has looked up, by id, at most
+/// [`KnownKeys::CAPACITY`]. A binding is permanent (only its status changes, and the
+/// attest script checks that atomically), so a remembered key is never stale. It spares
+/// an Attest the store round trip its Challenge just made: one atomic store call per
+/// Attest instead of two.
+#[derive(Default)]
+struct KnownKeys {
+    keys: Mutex<HashMap<DeviceId, Arc<[u8]>>>,
+    /// Attests that had to read the key from the store.
+    misses: AtomicU64,
+}
+
+impl KnownKeys {
+    /// ~150 bytes each (id, 91-byte SPKI, table overhead): ~10 MB at most.
+    const CAPACITY: usize = 65_536;
+
+    fn get(&self, id: &DeviceId) -> Option<Arc<[u8]>> {
+        let keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        keys.get(id).cloned()
+    }
+
+    fn remember(&self, id: DeviceId, key: &[u8]) {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= Self::CAPACITY && !keys.contains_key(&id) {
+            // Any one goes: a forgotten key costs only a store read.
+            if let Some(old) = keys.keys().next().copied() {
+                keys.remove(&old);
+            }
+        }
+        keys.insert(id, key.into());
+    }
 }
 
 impl<S: Store> PubkeyFlow<S> {
     pub fn new(storage: StorageKey, store: Arc<S>) -> Self {
-        PubkeyFlow { storage, store }
+        PubkeyFlow {
+            storage,
+            store,
+            keys: KnownKeys::default(),
+        }
+    }
+
+    /// Attests that read the device's key from the store (it was not remembered from
+    /// an earlier Challenge or Attest on this listener).
+    pub fn key_lookups(&self) -> u64 {
+        self.keys.misses.load(Ordering::Relaxed)
     }
 
     pub fn store(&self) -> &Arc<S> {
@@ -281,6 +327,7 @@ impl<S: Store> PubkeyFlow<S> {
         if device.status == DeviceStatus::Revoked {
             return Err(PubkeyError::Revoked);
         }
+        self.keys.remember(r.device_id, &device.public_key);
         Ok(Done::Challenged(self.issue_nonce(
             &r.device_id,
             now_ms.max(0) as u64,
@@ -299,23 +346,32 @@ impl<S: Store> PubkeyFlow<S> {
         Fut: Future<Output = Result<(), PubkeyError>>,
     {
         let issued_ms = self.check_nonce(&r.device_id, &r.nonce, now_ms)?;
-        let device = self
-            .store
-            .device(r.device_id)
-            .await?
-            .ok_or(PubkeyError::UnknownDevice)?;
-        if device.status == DeviceStatus::Revoked {
-            return Err(PubkeyError::Revoked);
-        }
+        let remembered = self.keys.get(&r.device_id);
+        let public_key = match &remembered {
+            // A revocation since is caught by the attest script below.
+            Some(key) => key.to_vec(),
+            None => {
+                self.keys.misses.fetch_add(1, Ordering::Relaxed);
+                self.usable_device_key(r.device_id).await?
+            }
+        };
         // Verified before the nonce is marked used: a forged signature cannot burn
         // the device's nonce.
-        verify(SignatureCheck {
+        let verified = verify(SignatureCheck {
             purpose: Purpose::Attest,
-            public_key: device.public_key,
+            public_key,
             message: AttestRequest::signed_message(&r.device_id, &r.nonce),
             signature: r.signature.0,
         })
-        .await?;
+        .await;
+        if let Err(PubkeyError::AttestSignature) = verified
+            && remembered.is_some()
+        {
+            // The documented order puts 404/403 before 401: a remembered key skipped
+            // that read, so a refused signature makes it now.
+            self.usable_device_key(r.device_id).await?;
+        }
+        verified?;
         let op = AttestOp {
             device: r.device_id,
             nonce: r.nonce,
@@ -328,6 +384,20 @@ impl<S: Store> PubkeyFlow<S> {
             AttestOutcome::Revoked => Err(PubkeyError::Revoked),
             AttestOutcome::UnknownDevice => Err(PubkeyError::UnknownDevice),
         }
+    }
+
+    /// The device's key from the store (and remembered), or 404 unknown / 403 revoked.
+    async fn usable_device_key(&self, id: DeviceId) -> Result<Vec<u8>, PubkeyError> {
+        let device = self
+            .store
+            .device(id)
+            .await?
+            .ok_or(PubkeyError::UnknownDevice)?;
+        if device.status == DeviceStatus::Revoked {
+            return Err(PubkeyError::Revoked);
+        }
+        self.keys.remember(id, &device.public_key);
+        Ok(device.public_key)
     }
 
     pub fn issue_nonce(&self, device: &DeviceId, issued_ms: u64, random: [u8; 8]) -> Nonce {
@@ -575,6 +645,57 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.status(), Status::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn an_attest_after_its_challenge_reads_no_key_from_the_store() {
+        let f = fixture();
+        let (id, key) = (DeviceId([4; 16]), SigningKey::generate().unwrap());
+        f.run(register_req(id, &key), NOW).await.unwrap();
+        for i in 0..3 {
+            let now = NOW + i * 1000;
+            let nonce = f.nonce(id, now).await;
+            f.run(attest_req(id, nonce, &key), now).await.unwrap();
+        }
+        assert_eq!(f.flow.key_lookups(), 0);
+
+        // A nonce from another listener (same storage key, nothing remembered): one
+        // lookup, then remembered.
+        let other = PubkeyFlow::new(StorageKey::from_bytes(&[7; 32]), Arc::clone(f.flow.store()));
+        for i in 0..2 {
+            let nonce = f.flow.issue_nonce(&id, NOW as u64, [i; 8]);
+            other
+                .handle(attest_req(id, nonce, &key), NOW, [3; 8], inline)
+                .await
+                .unwrap();
+        }
+        assert_eq!(other.key_lookups(), 1);
+
+        // Revoked after its key was remembered: refused with 403 whether the signature
+        // is good or not (the documented order: 403 before 401).
+        let now = NOW + 5000;
+        let nonce = f.nonce(id, now).await;
+        f.flow.store().revoke_device(id, now).await.unwrap();
+        let wrong = SigningKey::generate().unwrap();
+        let err = f.run(attest_req(id, nonce, &wrong), now).await.unwrap_err();
+        assert_eq!(err.status(), Status::FORBIDDEN);
+        let err = f.run(attest_req(id, nonce, &key), now).await.unwrap_err();
+        assert_eq!(err.status(), Status::FORBIDDEN);
+    }
+
+    #[test]
+    fn remembered_keys_stay_within_capacity() {
+        let keys = KnownKeys::default();
+        for i in 0..KnownKeys::CAPACITY as u32 + 10 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_be_bytes());
+            keys.remember(DeviceId(id), &[1, 2, 3]);
+        }
+        assert_eq!(keys.keys.lock().unwrap().len(), KnownKeys::CAPACITY);
+        let last = (KnownKeys::CAPACITY as u32 + 9).to_be_bytes();
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&last);
+        assert_eq!(keys.get(&DeviceId(id)).as_deref(), Some(&[1u8, 2, 3][..]));
     }
 
     #[test]
