@@ -319,15 +319,7 @@ impl<S: Store> PubkeyFlow<S> {
         now_ms: i64,
         random: [u8; 8],
     ) -> Result<Done, PubkeyError> {
-        let device = self
-            .store
-            .device(r.device_id)
-            .await?
-            .ok_or(PubkeyError::UnknownDevice)?;
-        if device.status == DeviceStatus::Revoked {
-            return Err(PubkeyError::Revoked);
-        }
-        self.keys.remember(r.device_id, &device.public_key);
+        self.usable_device_key(r.device_id).await?;
         Ok(Done::Challenged(self.issue_nonce(
             &r.device_id,
             now_ms.max(0) as u64,
