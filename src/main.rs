@@ -172,11 +172,11 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let io_threads = match &cli.command {
-        Command::Serve(args) => args.io_threads.unwrap_or_else(|| cores().div_ceil(4)),
+        Command::Serve(args) => args.io_threads(),
         _ => 1,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(io_threads.max(1))
+        .worker_threads(io_threads)
         .thread_name("io")
         .enable_all()
         .build()
@@ -203,6 +203,15 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+impl ServeArgs {
+    /// `--io-threads`, or one per four cores; at least one.
+    fn io_threads(&self) -> usize {
+        self.io_threads
+            .unwrap_or_else(|| cores().div_ceil(4))
+            .max(1)
     }
 }
 
@@ -297,7 +306,7 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     ));
     tracker.close();
 
-    info!(store = %store_url, rsa_bits = flow.keys().current().bits(), crypto_threads = threads, io_threads = args.io_threads.unwrap_or_else(|| cores().div_ceil(4)), "registrar started");
+    info!(store = %store_url, rsa_bits = flow.keys().current().bits(), crypto_threads = threads, io_threads = args.io_threads(), "registrar started");
     // Stable line: tests and scripts read the bound ports from it.
     println!("registrar listening {ports} store={store_url}");
     if origin == KeyOrigin::Generated {

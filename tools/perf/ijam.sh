@@ -16,11 +16,7 @@ cd "$(dirname "$0")/../.."
 
 bits=${1:?bits}; store=${2:?store}; transport=${3:?transport}; count=${4:-60000}
 shift $(( $# < 4 ? $# : 4 ))
-bin=target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+. tools/perf/common.sh
 
 cores=$(nproc)
 sign=$(openssl speed -seconds 3 "rsa$bits" 2>/dev/null | awk -v b="$bits" '$1=="rsa" && $2==b" bits" || $1=="rsa" && $2==b {print $(NF-1)}' | tail -1)
@@ -28,25 +24,12 @@ echo "bound: openssl speed rsa$bits: $sign sign/s per core × $cores cores"
 
 store_arg=sqlite
 if [ "$store" = redis ]; then
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --save "" --appendonly no --daemonize no >"$work/redis.log" 2>&1 &
-    pids+=($!)
-    until redis-cli -p "$port" ping >/dev/null 2>&1; do :; done
-    store_arg="redis://127.0.0.1:$port/"
+    start_redis
+    store_arg="redis://127.0.0.1:$redis_port/"
 fi
-
-"$bin/registrar" --data-dir "$work/data" --store "$store_arg" serve --bind 127.0.0.1 \
-    --cert-port 0 --reg-port 0 --state-port 0 --envelope-port 0 --rsa-bits "$bits" --rate-per-source 0 \
-    >"$work/listener.out" 2>"$work/listener.err" &
-listener=$!
-pids+=("$listener")
-until grep -q '^registrar listening' "$work/listener.out"; do
-    kill -0 "$listener" || { cat "$work/listener.err"; exit 1; }
-    sleep 0.1
-done
-line=$(grep '^registrar listening' "$work/listener.out")
-reg=$(sed -E 's/.* reg_tcp=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
-cert=$(sed -E 's/.* cert_tcp=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$line")
+start_listener "$store_arg" --rsa-bits "$bits"
+reg=$(listener_port reg)
+cert=$(listener_port cert)
 udp=(); [ "$transport" = udp ] && udp=(--udp)
 
 REGISTRAR_LOG=warn "$bin/registrar-node" --json load ijam --server 127.0.0.1 \

@@ -14,19 +14,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 count=${1:-30000}
-bin=target/release
-work=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
-trap cleanup EXIT
+. tools/perf/common.sh
 
 verify=$(openssl speed -seconds 3 ecdsap256 2>/dev/null | awk '/256 bits ecdsa \(nistp256\)/ {print $NF}')
 echo "bound A: openssl speed ecdsap256: $verify verify/s per core × $(nproc) cores"
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-redis-server --port "$port" --bind 127.0.0.1 --dir "$work" --save "" --appendonly no --daemonize no >"$work/redis.log" 2>&1 &
-pids+=($!)
-until redis-cli -p "$port" ping >/dev/null 2>&1; do :; done
+start_redis
+port=$redis_port
 reg_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/register_device.lua)")
 att_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/attest_device.lua)")
 spki=$(printf '%0182x' 7)
@@ -41,16 +35,8 @@ redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
     | tr '\r' '\n' | tail -1 | sed -E 's/.*: ([0-9.]+ requests per second).*/bound B (attest_device.lua): \1/' 
 redis-cli -p "$port" flushall >/dev/null
 
-"$bin/registrar" --data-dir "$work/data" --store "redis://127.0.0.1:$port/" serve --bind 127.0.0.1 \
-    --cert-port 0 --reg-port 0 --state-port 0 --envelope-port 0 --rate-per-source 0 \
-    >"$work/listener.out" 2>"$work/listener.err" &
-listener=$!
-pids+=("$listener")
-until grep -q '^registrar listening' "$work/listener.out"; do
-    kill -0 "$listener" || { cat "$work/listener.err"; exit 1; }
-    sleep 0.1
-done
-env_port=$(sed -E 's/.* envelope_tcp=127\.0\.0\.1:([0-9]+).*/\1/' <<<"$(grep '^registrar listening' "$work/listener.out")")
+start_listener "redis://127.0.0.1:$port/"
+env_port=$(listener_port envelope)
 for mode in register attest; do
     for transport in tcp udp; do
         udp=(); [ "$transport" = udp ] && udp=(--udp)
