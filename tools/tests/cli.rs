@@ -60,6 +60,8 @@ impl Listener {
             .args(["serve", "--bind", "127.0.0.1"])
             .args(["--cert-port", "0", "--reg-port", "0", "--state-port", "0"])
             .args(["--envelope-port", "0"])
+            // No sojourn shedding: a busy test machine must not turn replies into 503s.
+            .args(["--max-queue-wait", "0"])
             .env("REGISTRAR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
