@@ -86,6 +86,20 @@ impl Sojourn {
 #[error("crypto queue full")]
 pub struct Overloaded;
 
+/// Sets the calling thread's nice value. Lowering one's own priority needs no privilege;
+/// elsewhere than on Linux the call would apply to the whole process, so it is skipped.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, nice) {
+        tracing::warn!(nice, error = %e, "cannot lower the crypto threads' priority");
+    }
+    #[cfg(not(target_os = "linux"))]
+    tracing::warn!(nice, "--crypto-nice is applied on Linux only");
+}
+
 #[derive(Clone)]
 pub struct CryptoPool {
     queue: SyncSender<Task>,
@@ -95,8 +109,15 @@ pub struct CryptoPool {
 
 impl CryptoPool {
     /// `threads` workers (normally one per core) behind a queue of `capacity` tasks;
-    /// with a `target`, a standing queue is shed by sojourn time (module docs).
-    pub fn new(threads: usize, capacity: usize, target: Option<Duration>) -> std::io::Result<Self> {
+    /// with a `target`, a standing queue is shed by sojourn time (module docs). The
+    /// workers run at `nice` (0–19; Linux sets it per thread, so the I/O thread keeps
+    /// its own priority and preempts them when it has replies to send).
+    pub fn new(
+        threads: usize,
+        capacity: usize,
+        target: Option<Duration>,
+        nice: i32,
+    ) -> std::io::Result<Self> {
         let (queue, tasks) = mpsc::sync_channel::<Task>(capacity);
         let tasks = Arc::new(Mutex::new(tasks));
         for i in 0..threads.max(1) {
@@ -104,6 +125,7 @@ impl CryptoPool {
             thread::Builder::new()
                 .name(format!("crypto-{i}"))
                 .spawn(move || {
+                    lower_priority(nice);
                     let mut done = Vec::with_capacity(MAX_BATCH);
                     // The lock is held only while taking a task, never while running one.
                     loop {
@@ -177,9 +199,22 @@ impl CryptoPool {
 mod tests {
     use super::*;
 
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn workers_run_at_the_nice_value_and_the_caller_keeps_its_own() {
+        let before = rustix::process::getpriority_process(None).unwrap();
+        let pool = CryptoPool::new(2, 16, None, 19).unwrap();
+        let in_worker = pool
+            .run(|| rustix::process::getpriority_process(None).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(in_worker, 19);
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), before);
+    }
+
     #[tokio::test]
     async fn runs_work_off_the_reactor_and_sheds_when_full() {
-        let pool = CryptoPool::new(1, 1, None).unwrap();
+        let pool = CryptoPool::new(1, 1, None, 0).unwrap();
         assert_eq!(pool.run(|| 6 * 7).await, Ok(42));
 
         // Block the only worker, fill the one queue slot, and the next task is shed.
@@ -234,7 +269,7 @@ mod tests {
     async fn a_lone_task_is_answered_while_another_worker_waits_for_work() {
         // One worker waits on the empty queue while the other finishes a task: the
         // result must not wait for a next task to arrive (each run waits for the last).
-        let pool = CryptoPool::new(2, 16, None).unwrap();
+        let pool = CryptoPool::new(2, 16, None, 0).unwrap();
         for i in 0..200 {
             let answered = tokio::time::timeout(Duration::from_secs(10), pool.run(move || i)).await;
             assert_eq!(answered, Ok(Ok(i)), "task {i} was held back");
@@ -243,7 +278,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_task_of_a_batch_gets_its_own_result() {
-        let pool = CryptoPool::new(2, 256, None).unwrap();
+        let pool = CryptoPool::new(2, 256, None, 0).unwrap();
         let mut runs = tokio::task::JoinSet::new();
         for i in 0..200u64 {
             let pool = pool.clone();
@@ -261,7 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pool_with_a_target_runs_work_that_is_on_time() {
-        let pool = CryptoPool::new(1, 4, Some(Duration::from_millis(20))).unwrap();
+        let pool = CryptoPool::new(1, 4, Some(Duration::from_millis(20)), 0).unwrap();
         assert_eq!(pool.run(|| 5).await, Ok(5));
     }
 }

@@ -3,12 +3,13 @@
 # open-loop from 1,024 connections, then a closed-loop run right after it (recovery).
 # Redis store on a private redis-server; traffic stays on 127.0.0.1.
 #
-#   [CLIENT_NICE=-10] [QUEUE_WAIT=20ms] tools/perf/overload.sh [BITS] [SECONDS]
+#   [CRYPTO_NICE=19] [CLIENT_NICE=-10] [QUEUE_WAIT=20ms] tools/perf/overload.sh [BITS] [SECONDS]
 #
 # The load tool, Redis and the listener share the machine's cores. At 2× the crypto
 # threads keep every core busy, and the load tool's own wait for a CPU shows up in the
 # latency it measures; CLIENT_NICE runs it (and Redis) at that nice value so that what
-# it reports is the listener's latency. QUEUE_WAIT is the listener's --max-queue-wait.
+# it reports is the listener's latency. CRYPTO_NICE and QUEUE_WAIT are the listener's
+# --crypto-nice and --max-queue-wait.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bits=${1:-2048}; seconds=${2:-20}
@@ -17,7 +18,8 @@ bits=${1:-2048}; seconds=${2:-20}
 start_redis
 [ -n "${CLIENT_NICE:-}" ] && renice -n "$CLIENT_NICE" -p "${pids[0]}" >/dev/null
 store_arg="redis://127.0.0.1:$redis_port/"
-start_listener "$store_arg" --rsa-bits "$bits" --max-queue-wait "${QUEUE_WAIT:-20ms}"
+start_listener "$store_arg" --rsa-bits "$bits" --max-queue-wait "${QUEUE_WAIT:-20ms}" \
+    --crypto-nice "${CRYPTO_NICE:-0}"
 reg=$(listener_port reg); cert=$(listener_port cert)
 
 # Share of CPU time the hypervisor took from this VM since the last call (steal).
