@@ -34,3 +34,10 @@ start_listener() {
 listener_port() {
     sed -E "s/.* $1_tcp=127\.0\.0\.1:([0-9]+).*/\1/" <<<"$(grep '^registrar listening' "$work/listener.out")"
 }
+
+# RSA private-key operations per second on one core at BITS, by `openssl speed`
+# (the bound's single-core rate).
+rsa_sign_rate() {
+    openssl speed -seconds "${2:-3}" "rsa$1" 2>/dev/null \
+        | awk -v b="$1" '$1=="rsa" && $2==b" bits" || $1=="rsa" && $2==b {print $(NF-1)}' | tail -1
+}

@@ -22,7 +22,7 @@ shift $(( $# < 4 ? $# : 4 ))
 . tools/perf/common.sh
 
 cores=$(nproc)
-sign=$(openssl speed -seconds 3 "rsa$bits" 2>/dev/null | awk -v b="$bits" '$1=="rsa" && $2==b" bits" || $1=="rsa" && $2==b {print $(NF-1)}' | tail -1)
+sign=$(rsa_sign_rate "$bits")
 echo "bound: openssl speed rsa$bits: $sign sign/s per core × $cores cores"
 
 store_arg=sqlite
