@@ -7,9 +7,11 @@
 #     STORE      sqlite | redis      (redis: a private redis-server on a free port)
 #     TRANSPORT  tcp | udp
 #
-# Prints: the bound (openssl speed sign/s × cores, and the aws-lc-rs criterion figure
-# if target/criterion holds one), the load tool's JSON summary, and the listener's CPU
-# efficiency (single-core RSA decryption time ÷ listener CPU time per registration).
+# Prints: the bound (openssl speed sign/s × cores), the load tool's JSON summary, the
+# listener's CPU efficiency (single-core RSA decryption time ÷ listener CPU time per
+# registration), and the whole machine's CPU per registration split into listener, load
+# tool and the rest (Redis, the kernel's threads): on shared cores, cores ÷ that figure
+# is the most any listener could do in the run.
 # CONNECTIONS clients in a closed loop keep about CONNECTIONS × decryption time ÷ cores
 # queued; past --max-queue-wait (20 ms) that standing queue is shed by design, so keep
 # it below (16 at RSA-2048 on a core doing ~1,000 decryptions/s; 8 at RSA-4096).
@@ -48,5 +50,11 @@ if per_reg:
     print(f"listener CPU {per_reg:.1f} µs/registration; efficiency vs openssl {1e6/sign/per_reg:.2f}")
     by = r.get("listener_cpu_us_per_registration_by_thread") or {}
     print("  of which, µs by thread: " + ", ".join(f"{k} {v}" for k, v in by.items() if v))
+m = r.get("machine_cpu") or {}
+if m.get("us_per_op"):
+    tool = m["load_tool_us_per_op"]
+    rest = m["us_per_op"] - tool - (per_reg or 0)
+    print(f"machine CPU {m['us_per_op']:.1f} µs/registration ({100 * m['busy_share']:.0f}% of {cores} cores busy): "
+          f"listener {per_reg or 0:.1f}, load tool {tool:.1f}, rest (Redis, kernel threads) {rest:.1f}")
 EOF
 echo "listener RSS: $(awk '/VmRSS/{print $2, $3}' /proc/$listener/status)"

@@ -43,6 +43,6 @@ for mode in register attest; do
         REGISTRAR_LOG=warn "$bin/registrar-node" load pubkey --server 127.0.0.1 \
             --envelope-port "$env_port" --mode "$mode" --count "$count" --connections 32 \
             --pipeline "${PIPELINE:-8}" --listener-pid "$listener" "${udp[@]}" \
-            | awk -v bound="$((2 * ${verify%.*}))" 'NR == 1 { print; match($0, /[0-9.]+\/s$/); rate = substr($0, RSTART, RLENGTH - 2); printf "  = %.2f of bound A (%d/s)\n", rate / bound, bound } /^listener CPU|^of which|^outcomes/ { print "  " $0 }' 
+            | awk -v bound="$((2 * ${verify%.*}))" 'NR == 1 { print; match($0, /[0-9.]+\/s$/); rate = substr($0, RSTART, RLENGTH - 2); printf "  = %.2f of bound A (%d/s)\n", rate / bound, bound } /^listener CPU|^of which|^outcomes|^machine CPU/ { print "  " $0 }' 
     done
 done

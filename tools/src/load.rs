@@ -191,6 +191,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
     let rss_before = args.listener_pid.map(process_rss_kib).transpose()?;
     let cpu_before = args.listener_pid.map(process_cpu_seconds).transpose()?;
     let threads_before = args.listener_pid.map(thread_cpu_seconds).transpose()?;
+    let machine_before = MachineCpu::now()?;
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -231,6 +232,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         _ => None,
     };
     let threads_after = args.listener_pid.map(thread_cpu_seconds).transpose()?;
+    let machine_after = MachineCpu::now()?;
     let rss_after = args.listener_pid.map(process_rss_kib).transpose()?;
     drop(idle);
 
@@ -266,6 +268,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
             (Some(b), Some(a)) => thread_cpu_us_per_op(b, a, ok),
             _ => serde_json::Value::Null,
         },
+        "machine_cpu": machine_before.until(&machine_after, ok),
         "idle_connections": args.idle_connections,
         "listener_rss_kib": { "before": rss_before, "after": rss_after },
     }))
@@ -336,6 +339,11 @@ pub fn summary(r: &serde_json::Value) -> String {
     }
     text.push_str(&threads_summary(
         &r["listener_cpu_us_per_registration_by_thread"],
+    ));
+    text.push_str(&machine_summary(
+        &r["machine_cpu"],
+        r["listener_cpu_us_per_registration"].as_f64(),
+        "registration",
     ));
     text
 }
@@ -452,6 +460,89 @@ fn process_rss_kib(pid: u32) -> Result<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| anyhow!("no VmRSS for process {pid}"))
+}
+
+/// The whole machine's CPU time and the load tool's own, at one instant. Between two
+/// of them: how busy the cores were, and where a completed operation's CPU went
+/// beside the listener's (the load tool, and the rest: Redis, the kernel's threads).
+/// On shared cores that is what bounds the throughput: cores ÷ machine µs per operation.
+pub(crate) struct MachineCpu {
+    busy_s: f64,
+    total_s: f64,
+    own_s: f64,
+}
+
+impl MachineCpu {
+    pub(crate) fn now() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+        let (busy_s, total_s) = proc_stat_cpu_seconds(&stat)?;
+        let own = std::fs::read_to_string("/proc/self/stat").context("/proc/self/stat")?;
+        Ok(MachineCpu {
+            busy_s,
+            total_s,
+            own_s: stat_cpu_seconds(&own)?,
+        })
+    }
+
+    /// `busy_share` (of all cores' time), and per completed operation the CPU µs of the
+    /// whole machine and of the load tool; `null` figures when nothing completed.
+    pub(crate) fn until(&self, now: &MachineCpu, ops: u64) -> serde_json::Value {
+        let total = now.total_s - self.total_s;
+        let per_op = |secs: f64| (ops > 0).then(|| (secs * 1e7 / ops as f64).round() / 10.0);
+        json!({
+            "busy_share": if total > 0.0 { (now.busy_s - self.busy_s) / total } else { 0.0 },
+            "us_per_op": per_op(now.busy_s - self.busy_s),
+            "load_tool_us_per_op": per_op(now.own_s - self.own_s),
+        })
+    }
+}
+
+/// Busy and total CPU seconds over all cores, from the `cpu` line of /proc/stat
+/// (user nice system idle iowait irq softirq steal …; guest time is already in user).
+fn proc_stat_cpu_seconds(stat: &str) -> Result<(f64, f64)> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow!("no cpu line in /proc/stat"))?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("odd /proc/stat")?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+        bail!("odd /proc/stat: {line}");
+    };
+    let busy = user + nice + system + irq + softirq + steal;
+    // USER_HZ is 100 on every Linux this runs on.
+    Ok((busy / 100.0, (busy + idle + iowait) / 100.0))
+}
+
+/// "machine CPU: …" from a `MachineCpu::until` object, or "".
+pub(crate) fn machine_summary(
+    machine: &serde_json::Value,
+    listener_per_op: Option<f64>,
+    unit: &str,
+) -> String {
+    let (Some(share), Some(per)) = (
+        machine["busy_share"].as_f64(),
+        machine["us_per_op"].as_f64(),
+    ) else {
+        return String::new();
+    };
+    let tool = machine["load_tool_us_per_op"].as_f64().unwrap_or(0.0);
+    let mut text = format!(
+        "\nmachine CPU: {:.0}% of all cores busy, {per:.1} µs per {unit}: load tool {tool:.1}",
+        share * 100.0
+    );
+    if let Some(listener) = listener_per_op {
+        text.push_str(&format!(
+            ", listener {listener:.1}, rest {:.1}",
+            per - tool - listener
+        ));
+    }
+    text
 }
 
 /// CPU seconds (user + sys) a process has used, from /proc/PID/stat.
@@ -672,4 +763,30 @@ async fn tcp_exchange(stream: &mut TcpStream, ciphertext: &[u8]) -> std::io::Res
     reply.resize(start + body, 0);
     stream.read_exact(&mut reply[start..]).await?;
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_counts_steal_and_interrupts_as_busy_and_iowait_as_idle() {
+        // user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
+        let stat = "cpu  700 100 200 900 50 10 30 10 40 0\ncpu0 350 50 100 450 25 5 15 5 20 0\n";
+        let (busy, total) = proc_stat_cpu_seconds(stat).unwrap();
+        assert!((busy - 10.5).abs() < 1e-9, "{busy}");
+        assert!((total - 20.0).abs() < 1e-9, "{total}");
+    }
+
+    #[test]
+    fn odd_proc_stat_is_an_error() {
+        for stat in [
+            "",
+            "cpu0 1 2 3 4 5 6 7 8\n",
+            "cpu  1 2 3\n",
+            "cpu  1 2 x 4 5 6 7 8\n",
+        ] {
+            assert!(proc_stat_cpu_seconds(stat).is_err(), "{stat:?}");
+        }
+    }
 }

@@ -202,6 +202,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         .listener_pid
         .map(crate::load::thread_cpu_seconds)
         .transpose()?;
+    let machine_before = crate::load::MachineCpu::now()?;
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -309,6 +310,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         .listener_pid
         .map(crate::load::thread_cpu_seconds)
         .transpose()?;
+    let machine_after = crate::load::MachineCpu::now()?;
     let success = if args.mode == Mode::Register {
         "201"
     } else {
@@ -330,6 +332,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
             (Some(b), Some(a)) => crate::load::thread_cpu_us_per_op(b, a, ok),
             _ => serde_json::Value::Null,
         },
+        "machine_cpu": machine_before.until(&machine_after, ok),
     }))
 }
 
@@ -366,5 +369,11 @@ pub fn summary(r: &serde_json::Value) -> String {
         }
         _ => String::new(),
     };
-    text + &cpu + &crate::load::threads_summary(&r["listener_cpu_us_per_operation_by_thread"])
+    text + &cpu
+        + &crate::load::threads_summary(&r["listener_cpu_us_per_operation_by_thread"])
+        + &crate::load::machine_summary(
+            &r["machine_cpu"],
+            r["listener_cpu_us_per_operation"].as_f64(),
+            "operation",
+        )
 }

@@ -545,6 +545,13 @@ fn the_load_tool_mints_its_passphrases_registers_them_all_and_reports() {
             report["listener_cpu_us_per_registration_by_thread"]["crypto"].is_number(),
             "{report}"
         );
+        let busy = report["machine_cpu"]["busy_share"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&busy), "{report}");
+        assert!(report["machine_cpu"]["us_per_op"].is_number(), "{report}");
+        assert!(
+            report["machine_cpu"]["load_tool_us_per_op"].is_number(),
+            "{report}"
+        );
         let network = report["network"].as_str().unwrap();
         let nodes = l.admin(&["--json", "node", "list", "--network", network]);
         let nodes: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
@@ -775,6 +782,7 @@ fn the_pubkey_load_tool_pipelines_requests_and_counts_every_one() {
             report["listener_cpu_us_per_operation_by_thread"]["crypto"].is_number(),
             "{report}"
         );
+        assert!(report["machine_cpu"]["us_per_op"].is_number(), "{report}");
         let report = load("attest", "30", "4", transport);
         assert_eq!(report["completed"], 30, "{report}");
         assert_eq!(report["outcomes"]["200"], 30, "{report}");
