@@ -131,12 +131,13 @@ struct ServeArgs {
     /// overload while a short burst is served in full. 0 disables.
     #[arg(long, env = "REGISTRAR_MAX_QUEUE_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
     max_queue_wait: Duration,
-    /// Nice value of the crypto threads (0–19, Linux). On a host whose other work is
-    /// this listener's own I/O, its Redis and its clients, 19 lets them preempt the RSA
-    /// work at once: under 2× overload on 2 cores the admitted p99 fell from ~160 to
-    /// ~30 ms (12% fewer admitted; the same maximum rate). Leave it at 0 where other
-    /// CPU-bound processes share the listener's cgroup: at 19 they would take nearly
-    /// all the CPU.
+    /// Nice value of the crypto threads (0–19, Linux, per thread). At 19 the I/O thread
+    /// (and a Redis and clients in the listener's session or cgroup) preempt the RSA work
+    /// at once: under 2× overload on 2 cores the admitted p99 was 30–40 ms against
+    /// 40–174 ms at 0. It is not the default because it costs throughput: every
+    /// preemption wakes the I/O and log threads for one event instead of a batch (their
+    /// CPU per registration rose ~15 and ~10 µs), and the maximum rate fell 9–13% (2× overload:
+    /// 20–30% fewer admitted). Set 0 where other CPU-bound work shares the listener's group.
     #[arg(long, env = "REGISTRAR_CRYPTO_NICE", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     crypto_nice: i32,
     /// Registrations per second allowed per source IP address, sustained (0: no limit).
