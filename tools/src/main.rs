@@ -65,11 +65,14 @@ enum LoadCommand {
     /// Creates its own network and passphrases through --data-dir/--store (or reads
     /// --passphrase-file), encrypts every request before the timed window, then runs
     /// --connections clients for --count requests or --duration, open-loop at --rate
-    /// when given. With --listener-pid it also reports the listener's CPU time.
+    /// when given. With --listener-pid it also reports the listener's CPU time. Every
+    /// report ends with the machine's CPU over the window: the share of all cores that
+    /// was busy and the CPU per registration of the whole machine and of this tool (on
+    /// shared cores, cores ÷ that figure is the most any listener could do).
     Ijam(load::LoadIjamArgs),
     /// Offer pubkey registrations (--mode register) or Challenge → Attest round trips
     /// (--mode attest) on the envelope port and report operations/s, latency
-    /// percentiles and outcome counts by status.
+    /// percentiles, outcome counts by status and the machine's CPU per operation.
     Pubkey(load_pubkey::LoadPubkeyArgs),
 }
 
