@@ -191,7 +191,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
     let rss_before = args.listener_pid.map(process_rss_kib).transpose()?;
     let cpu_before = args.listener_pid.map(process_cpu_seconds).transpose()?;
     let threads_before = args.listener_pid.map(thread_cpu_seconds).transpose()?;
-    let machine_before = MachineCpu::now()?;
+    let machine_before = MachineCpu::now();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -232,7 +232,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         _ => None,
     };
     let threads_after = args.listener_pid.map(thread_cpu_seconds).transpose()?;
-    let machine_after = MachineCpu::now()?;
+    let machine_after = MachineCpu::now();
     let rss_after = args.listener_pid.map(process_rss_kib).transpose()?;
     drop(idle);
 
@@ -268,7 +268,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
             (Some(b), Some(a)) => thread_cpu_us_per_op(b, a, ok),
             _ => serde_json::Value::Null,
         },
-        "machine_cpu": machine_before.until(&machine_after, ok),
+        "machine_cpu": MachineCpu::report(&machine_before, &machine_after, ok),
         "idle_connections": args.idle_connections,
         "listener_rss_kib": { "before": rss_before, "after": rss_after },
     }))
@@ -473,7 +473,25 @@ pub(crate) struct MachineCpu {
 }
 
 impl MachineCpu {
-    pub(crate) fn now() -> Result<Self> {
+    /// `None` where /proc is not there (not Linux): the report then says `null` rather
+    /// than failing a run over an extra figure.
+    pub(crate) fn now() -> Option<Self> {
+        Self::read().ok()
+    }
+
+    /// What [`until`](Self::until) says, or `null` when either instant is unknown.
+    pub(crate) fn report(
+        before: &Option<Self>,
+        after: &Option<Self>,
+        ops: u64,
+    ) -> serde_json::Value {
+        match (before, after) {
+            (Some(before), Some(after)) => before.until(after, ops),
+            _ => serde_json::Value::Null,
+        }
+    }
+
+    fn read() -> Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
         let (busy_s, total_s) = proc_stat_cpu_seconds(&stat)?;
         let own = std::fs::read_to_string("/proc/self/stat").context("/proc/self/stat")?;
@@ -486,7 +504,7 @@ impl MachineCpu {
 
     /// `busy_share` (of all cores' time), and per completed operation the CPU µs of the
     /// whole machine and of the load tool; `null` figures when nothing completed.
-    pub(crate) fn until(&self, now: &MachineCpu, ops: u64) -> serde_json::Value {
+    fn until(&self, now: &MachineCpu, ops: u64) -> serde_json::Value {
         let total = now.total_s - self.total_s;
         let per_op = |secs: f64| (ops > 0).then(|| (secs * 1e7 / ops as f64).round() / 10.0);
         json!({

@@ -202,7 +202,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         .listener_pid
         .map(crate::load::thread_cpu_seconds)
         .transpose()?;
-    let machine_before = crate::load::MachineCpu::now()?;
+    let machine_before = crate::load::MachineCpu::now();
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -310,7 +310,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
         .listener_pid
         .map(crate::load::thread_cpu_seconds)
         .transpose()?;
-    let machine_after = crate::load::MachineCpu::now()?;
+    let machine_after = crate::load::MachineCpu::now();
     let success = if args.mode == Mode::Register {
         "201"
     } else {
@@ -332,7 +332,7 @@ async fn run_async(args: &LoadPubkeyArgs) -> Result<serde_json::Value> {
             (Some(b), Some(a)) => crate::load::thread_cpu_us_per_op(b, a, ok),
             _ => serde_json::Value::Null,
         },
-        "machine_cpu": machine_before.until(&machine_after, ok),
+        "machine_cpu": crate::load::MachineCpu::report(&machine_before, &machine_after, ok),
     }))
 }
 
