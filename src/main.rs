@@ -314,6 +314,7 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
         args.rsa_bits,
         cancel.clone(),
     ));
+    tracker.spawn(registrar::server::metrics::report_refusals(cancel.clone()));
     tracker.close();
 
     info!(store = %store_url, rsa_bits = flow.keys().current().bits(), crypto_threads = threads, crypto_nice = args.crypto_nice, io_threads = args.io_threads(), "registrar started");

@@ -377,6 +377,10 @@ impl<S: Store> EnvelopeServer<S> {
                     PubkeyError::Store(_) | PubkeyError::Crypto(_) => {
                         warn!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = e.outcome(), error = %e, device, latency_us)
                     }
+                    // Summed once a second by metrics::report_refusals.
+                    PubkeyError::Overloaded | PubkeyError::RateLimited => {
+                        debug!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = e.outcome(), error = %e, device, latency_us)
+                    }
                     _ => {
                         info!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = e.outcome(), error = %e, device, latency_us)
                     }

@@ -5,6 +5,7 @@
 //! the Prometheus recorder and serves its text at `GET /metrics`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -36,14 +37,51 @@ pub fn request(
     histogram!(LATENCY, "flow" => flow, "transport" => transport).record(latency.as_secs_f64());
 }
 
-/// A request refused because the crypto queue was full.
+/// A request refused because the crypto queue was full or standing.
 pub fn shed(flow: &'static str, transport: &'static str) {
     counter!(SHED, "flow" => flow, "transport" => transport).increment(1);
+    SHED_SINCE_REPORT.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A request refused by the per-source token bucket.
 pub fn rate_limited(flow: &'static str, transport: &'static str) {
     counter!(RATE_LIMITED, "flow" => flow, "transport" => transport).increment(1);
+    RATE_LIMITED_SINCE_REPORT.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Refusals under load since the last report. Under a flood they are thousands a
+/// second: one log line each would bury everything else in the log and spend on
+/// formatting the CPU that the admitted requests need, so each goes to `debug` and
+/// [`report_refusals`] logs their sum once a second.
+static SHED_SINCE_REPORT: AtomicU64 = AtomicU64::new(0);
+static RATE_LIMITED_SINCE_REPORT: AtomicU64 = AtomicU64::new(0);
+
+/// How often [`report_refusals`] logs the refusals it has counted.
+pub const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Logs, once per [`REFUSAL_REPORT_INTERVAL`] in which there were any, how many
+/// requests were shed (503, or dropped on UDP) and rate-limited (429); a last time at
+/// `cancel`.
+pub async fn report_refusals(cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(REFUSAL_REPORT_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let last = tokio::select! {
+            _ = cancel.cancelled() => true,
+            _ = tick.tick() => false,
+        };
+        let shed = SHED_SINCE_REPORT.swap(0, Ordering::Relaxed);
+        let rate_limited = RATE_LIMITED_SINCE_REPORT.swap(0, Ordering::Relaxed);
+        if shed + rate_limited > 0 {
+            warn!(
+                shed,
+                rate_limited, "requests refused under load since the last report"
+            );
+        }
+        if last {
+            return;
+        }
+    }
 }
 
 pub fn store_error(flow: &'static str) {

@@ -460,9 +460,13 @@ fn log_failure(
 ) {
     match e {
         // The store's comings and goings are logged once per change by the store; a
-        // crypto failure is the operator's concern; the rest is the peer's.
+        // crypto failure is the operator's concern; refusals under load are summed once
+        // a second (metrics::report_refusals); the rest is the peer's.
         IjamError::Crypto(_) => {
             warn!(flow = "ijam", port, transport, %peer, outcome = e.outcome(), error = %e, latency_us)
+        }
+        IjamError::Overloaded | IjamError::RateLimited => {
+            debug!(flow = "ijam", port, transport, %peer, outcome = e.outcome(), error = %e, latency_us)
         }
         _ => {
             info!(flow = "ijam", port, transport, %peer, outcome = e.outcome(), error = %e, latency_us)

@@ -5,6 +5,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use registrar::wire::envelope::Status;
+use registrar::wire::pubkey::DeviceId;
+
+use crate::support::envelope_client;
 use crate::support::ijam_client::*;
 use crate::support::listener::{Backend, Key, Listener};
 
@@ -40,6 +44,35 @@ fn sample(text: &str, series: &str) -> f64 {
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())
         .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Waits until the listener's once-a-second refusal summaries add up to `expected` for
+/// `field` (`shed` or `rate_limited`), and checks they do not go past it.
+fn wait_for_refusals_logged(l: &Listener, field: &str, expected: u64) {
+    const SUMMARY: &str = "requests refused under load";
+    let prefix = format!("{field}=");
+    for lines in 1.. {
+        l.wait_for_log_count(SUMMARY, lines);
+        let logged: u64 = l
+            .log()
+            .lines()
+            .filter(|line| line.contains(SUMMARY))
+            .flat_map(|line| {
+                line.split_whitespace()
+                    .filter_map(|t| t.strip_prefix(prefix.as_str()))
+                    .map(|n| n.parse::<u64>().unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .sum();
+        assert!(
+            logged <= expected,
+            "{logged} > {expected} {field}:\n{}",
+            l.log()
+        );
+        if logged == expected {
+            return;
+        }
+    }
 }
 
 fn bogus_request(l: &Listener) -> Vec<u8> {
@@ -81,8 +114,41 @@ fn a_full_crypto_queue_sheds_tcp_with_503_and_counts_it() {
         ),
         shed as f64
     );
+    // The log sums the sheds once a second instead of a line each.
+    wait_for_refusals_logged(&l, "shed", shed as u64);
     // The listener is still there for the next request.
     assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), REPLY_401);
+}
+
+#[test]
+fn a_flood_of_refusals_is_logged_as_one_sum_a_second_and_each_at_debug() {
+    let (l, _metrics) = start(&["--rate-per-source", "0.001", "--burst", "1"]);
+    let ct = bogus_request(&l);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), REPLY_401);
+    const FLOOD: usize = 50;
+    for _ in 0..FLOOD {
+        assert_eq!(udp_exchange(l.ports.reg_udp, &ct), RATE_LIMITED);
+    }
+    // The envelope port has a bucket of its own: one admitted, then refusals.
+    const ENVELOPE_FLOOD: usize = 10;
+    let challenge = registrar::client::pubkey::challenge_frame(7, DeviceId([9; 16]));
+    let first = envelope_client::exchange(Transport::Udp, &l, &challenge);
+    assert_eq!(first.status(), Status::NOT_FOUND, "{first:?}");
+    for _ in 0..ENVELOPE_FLOOD {
+        let reply = envelope_client::exchange(Transport::Udp, &l, &challenge);
+        assert_eq!(reply.status(), Status::TOO_MANY_REQUESTS, "{reply:?}");
+    }
+    wait_for_refusals_logged(&l, "rate_limited", (FLOOD + ENVELOPE_FLOOD) as u64);
+    let log = l.log();
+    let each: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("outcome=\"rate_limited\""))
+        .collect();
+    assert_eq!(each.len(), FLOOD + ENVELOPE_FLOOD, "{log}");
+    assert!(
+        each.iter().all(|line| line.contains("DEBUG")),
+        "a refusal logged above debug:\n{log}"
+    );
 }
 
 #[test]
