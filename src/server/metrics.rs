@@ -51,7 +51,7 @@ pub fn rate_limited(flow: &'static str, transport: &'static str) {
 
 /// Refusals under load since the last report. Under a flood they are thousands a
 /// second, and one log line each buried what the operator needs to see (at 2× the
-/// maximum rate they were 45% of the log's bytes), so each goes to `debug` and
+/// maximum rate they were about 40% of the log's bytes), so each goes to `debug` and
 /// [`report_refusals`] logs their sum once a second.
 static SHED_SINCE_REPORT: AtomicU64 = AtomicU64::new(0);
 static RATE_LIMITED_SINCE_REPORT: AtomicU64 = AtomicU64::new(0);
