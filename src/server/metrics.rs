@@ -2,7 +2,8 @@
 //!
 //! Recording goes through the `metrics` facade (a no-op until a recorder is
 //! installed, so tests and admin commands pay nothing); `serve --metrics-addr` installs
-//! the Prometheus recorder and serves its text at `GET /metrics`.
+//! the Prometheus recorder and serves its text at `GET /metrics`. The refusals under
+//! load are also summed here for the log ([`report_refusals`]), recorder or not.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
