@@ -22,27 +22,20 @@ start_listener "$store_arg" --rsa-bits "$bits" --max-queue-wait "${QUEUE_WAIT:-2
     --crypto-nice "${CRYPTO_NICE:-0}"
 reg=$(listener_port reg); cert=$(listener_port cert)
 
-# Steal and total CPU ticks so far (/proc/stat); load() prints the steal share of its run.
-steal() { awk '/^cpu /{t=0; for(i=2;i<=NF;i++) t+=$i; print $9, t}' /proc/stat; }
 load() {
-    local before after
-    before=$(steal)
     REGISTRAR_LOG=warn nice -n "${CLIENT_NICE:-0}" "$bin/registrar-node" --json load ijam \
         --server 127.0.0.1 --cert-port "$cert" --reg-port "$reg" --data-dir "$work/data" \
         --store "$store_arg" --listener-pid "$listener" "$@"
-    after=$(steal)
-    # shellcheck disable=SC2086
-    set -- $before $after
-    awk -v s=$(( $3 - $1 )) -v t=$(( $4 - $2 )) 'BEGIN { printf "  (steal: %.1f%% of CPU time)\n", 100 * s / (t ? t : 1) }' >&2
 }
 summary() {
     python3 -c '
 import json, sys
 r = json.load(sys.stdin); a = r["latency_ms_admitted"]; n = sum(r["outcomes"].values())
 shed = sum(v for k, v in r["outcomes"].items() if k != "200")
-print("%s: offered %.0f/s, admitted %.0f/s, admitted p50 %.1f / p99 %.1f / max %.1f ms, not admitted %.1f%% %s" % (
+steal = (r.get("machine_cpu") or {}).get("steal_share", 0.0)
+print("%s: offered %.0f/s, admitted %.0f/s, admitted p50 %.1f / p99 %.1f / max %.1f ms, not admitted %.1f%% %s (steal: %.1f%% of CPU time)" % (
     sys.argv[1], r["offered_achieved_per_second"], r["registrations_per_second"],
-    a["p50"], a["p99"], a["max"], 100 * shed / n, r["outcomes"]))
+    a["p50"], a["p99"], a["max"], 100 * shed / n, r["outcomes"], 100 * steal))
 ' "$1"
 }
 

@@ -468,6 +468,7 @@ fn process_rss_kib(pid: u32) -> Result<u64> {
 /// On shared cores that is what bounds the throughput: cores ÷ machine µs per operation.
 pub(crate) struct MachineCpu {
     busy_s: f64,
+    steal_s: f64,
     total_s: f64,
     own_s: f64,
 }
@@ -493,31 +494,35 @@ impl MachineCpu {
 
     fn read() -> Result<Self> {
         let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
-        let (busy_s, total_s) = proc_stat_cpu_seconds(&stat)?;
+        let (busy_s, steal_s, total_s) = proc_stat_cpu_seconds(&stat)?;
         let own = std::fs::read_to_string("/proc/self/stat").context("/proc/self/stat")?;
         Ok(MachineCpu {
             busy_s,
+            steal_s,
             total_s,
             own_s: stat_cpu_seconds(&own)?,
         })
     }
 
-    /// `busy_share` (of all cores' time), and per completed operation the CPU µs of the
-    /// whole machine and of the load tool; `null` figures when nothing completed.
+    /// `busy_share` and `steal_share` (of all cores' time: the hypervisor's steal is
+    /// busy time the machine did not get), and per completed operation the CPU µs of
+    /// the whole machine and of the load tool; `null` figures when nothing completed.
     fn until(&self, now: &MachineCpu, ops: u64) -> serde_json::Value {
         let total = now.total_s - self.total_s;
+        let share = |secs: f64| if total > 0.0 { secs / total } else { 0.0 };
         let per_op = |secs: f64| (ops > 0).then(|| (secs * 1e7 / ops as f64).round() / 10.0);
         json!({
-            "busy_share": if total > 0.0 { (now.busy_s - self.busy_s) / total } else { 0.0 },
+            "busy_share": share(now.busy_s - self.busy_s),
+            "steal_share": share(now.steal_s - self.steal_s),
             "us_per_op": per_op(now.busy_s - self.busy_s),
             "load_tool_us_per_op": per_op(now.own_s - self.own_s),
         })
     }
 }
 
-/// Busy and total CPU seconds over all cores, from the `cpu` line of /proc/stat
+/// Busy, stolen and total CPU seconds over all cores, from the `cpu` line of /proc/stat
 /// (user nice system idle iowait irq softirq steal …; guest time is already in user).
-fn proc_stat_cpu_seconds(stat: &str) -> Result<(f64, f64)> {
+fn proc_stat_cpu_seconds(stat: &str) -> Result<(f64, f64, f64)> {
     let line = stat
         .lines()
         .find(|l| l.starts_with("cpu "))
@@ -534,7 +539,7 @@ fn proc_stat_cpu_seconds(stat: &str) -> Result<(f64, f64)> {
     };
     let busy = user + nice + system + irq + softirq + steal;
     // USER_HZ is 100 on every Linux this runs on.
-    Ok((busy / 100.0, (busy + idle + iowait) / 100.0))
+    Ok((busy / 100.0, steal / 100.0, (busy + idle + iowait) / 100.0))
 }
 
 /// "machine CPU: …" from a `MachineCpu::until` object, or "".
@@ -550,9 +555,11 @@ pub(crate) fn machine_summary(
         return String::new();
     };
     let tool = machine["load_tool_us_per_op"].as_f64().unwrap_or(0.0);
+    let steal = machine["steal_share"].as_f64().unwrap_or(0.0);
     let mut text = format!(
-        "\nmachine CPU: {:.0}% of all cores busy, {per:.1} µs per {unit}: load tool {tool:.1}",
-        share * 100.0
+        "\nmachine CPU: {:.0}% of all cores busy ({:.1}% stolen by the hypervisor), {per:.1} µs per {unit}: load tool {tool:.1}",
+        share * 100.0,
+        steal * 100.0
     );
     if let Some(listener) = listener_per_op {
         text.push_str(&format!(
@@ -791,7 +798,8 @@ mod tests {
     fn proc_stat_counts_steal_and_interrupts_as_busy_and_iowait_as_idle() {
         // user nice system idle iowait irq softirq steal guest guest_nice, in ticks.
         let stat = "cpu  700 100 200 900 50 10 30 10 40 0\ncpu0 350 50 100 450 25 5 15 5 20 0\n";
-        let (busy, total) = proc_stat_cpu_seconds(stat).unwrap();
+        let (busy, steal, total) = proc_stat_cpu_seconds(stat).unwrap();
+        assert!((steal - 0.1).abs() < 1e-9, "{steal}");
         assert!((busy - 10.5).abs() < 1e-9, "{busy}");
         assert!((total - 20.0).abs() < 1e-9, "{total}");
     }
