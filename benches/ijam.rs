@@ -48,7 +48,7 @@ const MINT_BATCH: usize = 1000;
 const NETWORK: &str = "benchnet";
 
 fn vectors_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/ijam")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/ijam")
 }
 
 fn vector(name: &str) -> Vec<u8> {
@@ -264,7 +264,11 @@ fn registration(c: &mut Criterion) {
     let sqlite_dir = tempfile::tempdir().expect("temp dir");
     let sqlite = Bench::new(
         &rt,
-        SqliteStore::open(&sqlite_dir.path().join("registrar.sqlite")).expect("sqlite store"),
+        SqliteStore::open(
+            &sqlite_dir.path().join("registrar.sqlite"),
+            registrar::store::Creation::IfMissing,
+        )
+        .expect("sqlite store"),
     );
     let redis_server = PrivateRedis::start();
     let redis = redis_server.as_ref().map(|server| {

@@ -1,6 +1,6 @@
 //! Registrar: a device-registration listener.
 //!
-//! Layers, top to bottom (see `ARCHITECTURE.md`, and `../shared/DESIGN.md`):
+//! Layers, top to bottom (see `ARCHITECTURE.md` and `docs/design.md`):
 //! `server` (tokio sockets, admission) → `codec` (tokio-util framing) → `wire`
 //! (sans-I/O frames) → `flow` (business rules) → `crypto` and `store` (core).
 //! Nothing calls upward.

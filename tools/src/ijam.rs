@@ -398,7 +398,7 @@ mod tests {
 
     fn vector(name: &str) -> Vec<u8> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/vectors/ijam")
+            .join("../tests/vectors/ijam")
             .join(name);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }

@@ -7,7 +7,7 @@
 //! ```
 //! Integers little-endian; `network_id` ASCII, NUL-padded. The checksum is the XOR of
 //! the eighteen u32 LE words before it, as `ijamreg` computes it (checked against
-//! `../shared/vectors/ijam/ijamreg_dotenv_after_run1.bin`). The file holds the node
+//! `tests/vectors/ijam/ijamreg_dotenv_after_run1.bin`). The file holds the node
 //! key, so it is written with mode 0600, atomically.
 
 use std::fs;
@@ -179,7 +179,7 @@ mod tests {
 
     fn vector(name: &str) -> Vec<u8> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/vectors/ijam")
+            .join("../tests/vectors/ijam")
             .join(name);
         fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
