@@ -232,9 +232,13 @@ mod tests {
         let p = pool.clone();
         let queued = tokio::spawn(async move { p.run(|| 1).await });
         // Wait until the queued task is counted, without sleeping on a guess.
-        while pool.depth() < 2 {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while pool.depth() < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the queued task is counted within 10 s");
         assert_eq!(pool.run(|| 2).await, Err(Overloaded));
         release.send(()).unwrap();
         assert_eq!(first.await.unwrap(), Ok(()));

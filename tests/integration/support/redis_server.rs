@@ -48,7 +48,7 @@ impl PrivateRedis {
                     if std::env::var_os("CI").is_some() {
                         panic!("redis-server is not on PATH; install it: {INSTALL_HINT}");
                     }
-                    println!("skipped: redis-server not on PATH ({INSTALL_HINT})");
+                    report_skip();
                     return None;
                 }
                 Err(e) => panic!("cannot run redis-server: {e}"),
@@ -88,6 +88,25 @@ impl PrivateRedis {
         self.restart();
     }
 
+    /// Stops the server (SIGSTOP): connections stay open, nothing is answered, as a
+    /// server stalled by a slow disk or a paused VM would be.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server go on (SIGCONT).
+    pub fn unpause(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} redis-server");
+    }
+
     /// Kills the server and starts a new one on the same port (empty: nothing is
     /// persisted). Clients see their connections drop.
     pub fn restart(&mut self) {
@@ -112,6 +131,17 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// Says that a Redis suite was skipped where a person reads it: libtest captures
+/// `println!` and `eprintln!` of a passing test, not writes to the stderr handle.
+fn report_skip() {
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {}: redis-server is not on PATH ({INSTALL_HINT}); CI=1 makes this a failure",
+        std::thread::current().name().unwrap_or("a Redis suite"),
+    );
+}
+
 /// Polls until the server answers PING, exits, or `READY_WITHIN` passes.
 fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
     let deadline = Instant::now() + READY_WITHIN;
@@ -120,8 +150,14 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
             return Err(format!("redis-server exited with {status}"));
         }
-        if ping(addr) {
-            return Ok(());
+        match server_pid(addr) {
+            // PING answers once the data set is loaded (an AOF after a restart).
+            Some(pid) if pid == child.id() && ping(addr) => return Ok(()),
+            Some(pid) if pid == child.id() => {}
+            // The port was taken between our probe and the server's bind, and another
+            // test's server answers on it: ours will exit on its failed bind.
+            Some(pid) => return Err(format!("port {port} is served by pid {pid}, not ours")),
+            None => {}
         }
         if Instant::now() >= deadline {
             return Err(format!("no PONG within {READY_WITHIN:?}"));
@@ -158,6 +194,37 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind 127.0.0.1:0")
         .port()
+}
+
+/// The process id of the Redis server answering on `addr`, if one answers. The tests
+/// compare it with their child's, so a server another test started on a recycled port
+/// is never taken for their own.
+fn server_pid(addr: SocketAddr) -> Option<u32> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    stream
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+        .ok()?;
+    // A bulk string: `$<len>\r\n<text>\r\n`; read until the text is whole.
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        let (len, body) = text.strip_prefix('$')?.split_once("\r\n")?;
+        if body.len() >= len.parse::<usize>().ok()? {
+            return body
+                .lines()
+                .find_map(|l| l.strip_prefix("process_id:"))
+                .and_then(|pid| pid.trim().parse().ok());
+        }
+    }
 }
 
 fn ping(addr: SocketAddr) -> bool {
