@@ -1,4 +1,4 @@
-//! The ijam business rules (DESIGN.md "Semantics"): validate → one atomic store call
+//! The ijam business rules (schemas/ijam.md; docs/design.md "The ijam wire, in brief"): validate → one atomic store call
 //! → reply. Transport-agnostic; time and randomness come in as arguments.
 //!
 //! Error replies are uniform by class, so a reply tells an attacker nothing beyond

@@ -333,9 +333,14 @@ fn a_frame_declaring_4_gib_is_refused_from_its_header_and_counted() {
         1.0,
         "{text}"
     );
-    // Nothing was reserved for it: the listener answers the next peer as before.
-    let pk = public_key(l.ports.cert);
-    assert_eq!(pk.ciphertext_len(), 256);
+    // Nothing was reserved for it: the envelope port answers the next peer as before.
+    let hello = registrar::client::pubkey::hello_frame(8);
+    let reply = envelope_client::tcp_exchange(l.ports.envelope_tcp, &hello);
+    assert_eq!(
+        (reply.status(), reply.header.request_id),
+        (Status::OK, 8),
+        "{reply:?}"
+    );
 }
 
 #[test]
@@ -386,4 +391,202 @@ fn a_udp_flood_from_one_source_is_cut_off_by_its_rate_limit_and_counted() {
         RATE_LIMITED,
         "the same source stays limited"
     );
+}
+
+#[test]
+fn a_full_crypto_queue_drops_udp_requests_without_a_reply_and_counts_them() {
+    let (l, metrics) = start(&["--crypto-threads", "1", "--crypto-queue", "0"]);
+    let ct = bogus_request(&l);
+    const SENT: usize = 64;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(TIMEOUT)).unwrap();
+    for _ in 0..SENT {
+        socket.send_to(&ct, l.ports.reg_udp).unwrap();
+    }
+    // Wait until every datagram is accounted for: decrypted and answered, or shed.
+    let deadline = Instant::now() + TIMEOUT;
+    let (served, shed) = loop {
+        let text = scrape(metrics);
+        let served = sample(
+            &text,
+            "registrar_requests_total{flow=\"ijam_register\",transport=\"udp\",outcome=\"invalid_passphrase\"}",
+        );
+        let shed = sample(
+            &text,
+            "registrar_shed_total{flow=\"ijam_register\",transport=\"udp\"}",
+        );
+        if served + shed >= SENT as f64 {
+            break (served as usize, shed as usize);
+        }
+        assert!(Instant::now() < deadline, "{served} served, {shed} shed");
+        std::thread::yield_now();
+    };
+    assert_eq!(served + shed, SENT);
+    assert!(shed > 0, "one crypto thread and no queue shed nothing");
+    // The served ones are answered; a shed datagram gets nothing, not even a 503. A
+    // final bad datagram (answered without crypto) marks the end of the replies.
+    let mut buf = [0u8; 1500];
+    let mut answered = 0;
+    socket.send_to(&[0; 7], l.ports.reg_udp).unwrap();
+    loop {
+        let (n, _) = socket.recv_from(&mut buf).expect("a reply");
+        match &buf[..n] {
+            b"\x90\x01request" => break,
+            reply => assert_eq!(reply, REPLY_401, "a shed request got a reply"),
+        }
+        answered += 1;
+    }
+    while answered < served {
+        let (n, _) = socket
+            .recv_from(&mut buf)
+            .expect("a served request's reply");
+        assert_eq!(&buf[..n], REPLY_401);
+        answered += 1;
+    }
+    assert_eq!(answered, served);
+    wait_for_refusals_logged(&l, "shed", shed as u64);
+}
+
+#[test]
+fn a_standing_crypto_queue_is_shed_by_sojourn_time_not_only_when_full() {
+    // A queue far larger than the burst, so it is never full: every 503 here comes
+    // from the sojourn rule (requests waited over 1 ms for more than 100 ms).
+    let (l, metrics) = start(&[
+        "--crypto-threads",
+        "1",
+        "--crypto-queue",
+        "4096",
+        "--max-queue-wait",
+        "1ms",
+    ]);
+    let pk = public_key(l.ports.cert);
+    assert_eq!(pk.ciphertext_len(), 256);
+    let ct = bogus_request(&l);
+    const CLIENTS: usize = 400;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (ct, barrier, addr) = (ct.clone(), barrier.clone(), l.ports.reg_tcp);
+            std::thread::spawn(move || {
+                let mut stream = connect(addr);
+                barrier.wait();
+                stream.write_all(&ct).unwrap();
+                stream.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut reply = Vec::new();
+                stream.read_to_end(&mut reply).unwrap();
+                reply
+            })
+        })
+        .collect();
+    let replies: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let shed = replies.iter().filter(|r| r.as_slice() == BUSY).count();
+    let served = replies.iter().filter(|r| r.as_slice() == REPLY_401).count();
+    assert_eq!(shed + served, CLIENTS, "every request gets its reply");
+    assert!(shed > 0 && served > 0, "shed {shed}, served {served}");
+    assert_eq!(
+        sample(
+            &scrape(metrics),
+            "registrar_shed_total{flow=\"ijam_register\",transport=\"tcp\"}"
+        ),
+        shed as f64
+    );
+}
+
+#[test]
+fn every_port_counts_its_requests_and_every_series_is_described() {
+    let (l, metrics) = start(&[]);
+    fetch_certificate(l.ports.cert);
+    assert_eq!(tcp_exchange(l.ports.cert, b"nope"), b"");
+    let state = state_frame(
+        uuid::Uuid::from_bytes([1; 16]),
+        &random_key(),
+        registrar::wire::ijam::StateCode::Online,
+    );
+    assert_eq!(
+        tcp_exchange(l.ports.state_tcp, &state),
+        404u16.to_le_bytes()
+    );
+    assert_eq!(
+        udp_exchange(l.ports.state_udp, &state),
+        404u16.to_le_bytes()
+    );
+    let hello = registrar::client::pubkey::hello_frame(1);
+    assert_eq!(
+        envelope_client::tcp_exchange(l.ports.envelope_tcp, &hello).status(),
+        Status::OK
+    );
+    let text = scrape(metrics);
+    for (series, value) in [
+        (
+            "registrar_requests_total{flow=\"ijam_cert\",transport=\"tcp\",outcome=\"certificate\"}",
+            1.0,
+        ),
+        (
+            "registrar_requests_total{flow=\"ijam_cert\",transport=\"tcp\",outcome=\"bad_request\"}",
+            1.0,
+        ),
+        (
+            "registrar_requests_total{flow=\"ijam_state\",transport=\"tcp\",outcome=\"unknown_node\"}",
+            1.0,
+        ),
+        (
+            "registrar_requests_total{flow=\"ijam_state\",transport=\"udp\",outcome=\"unknown_node\"}",
+            1.0,
+        ),
+        (
+            "registrar_requests_total{flow=\"core\",transport=\"tcp\",outcome=\"hello\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), value, "{series}\n{text}");
+    }
+    let described: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+    {
+        assert!(described.contains(&name), "{name} has no # HELP:\n{text}");
+    }
+}
+
+#[test]
+fn one_connection_cap_covers_every_port() {
+    let (l, metrics) = start(&["--max-connections", "2"]);
+    // One connection on the registration port and one on the envelope port, each
+    // proven accepted (and holding its permit) by a reply.
+    let mut reg = connect(l.ports.reg_tcp);
+    reg.write_all(&bogus_request(&l)).unwrap();
+    let mut reply = [0u8; 21];
+    reg.read_exact(&mut reply).unwrap();
+    assert_eq!(reply.as_slice(), REPLY_401);
+    let mut envelope = connect(l.ports.envelope_tcp);
+    envelope
+        .write_all(&registrar::client::pubkey::hello_frame(3))
+        .unwrap();
+    assert_eq!(
+        envelope_client::read_frame(&mut envelope).unwrap().status(),
+        Status::OK
+    );
+    // The cap is reached: a third connection is closed on any port.
+    for (port, addr) in [("envelope", l.ports.envelope_tcp), ("cert", l.ports.cert)] {
+        let mut third = connect(addr);
+        let mut buf = Vec::new();
+        let _ = third.read_to_end(&mut buf);
+        assert!(buf.is_empty(), "{port}");
+        let text = scrape(metrics);
+        assert_eq!(
+            sample(
+                &text,
+                &format!("registrar_connections_refused_total{{port=\"{port}\"}}")
+            ),
+            1.0,
+            "{text}"
+        );
+    }
+    drop((reg, envelope));
 }

@@ -5,6 +5,7 @@
 use crate::support::envelope_client::Device;
 use crate::support::ijam_client::*;
 use crate::support::listener::{Backend, Key, Listener};
+use registrar::wire::envelope::Status;
 use registrar::wire::ijam::StateCode;
 
 /// The encodings a secret could leak in: raw text, lowercase and uppercase hex, and
@@ -41,21 +42,26 @@ fn every_flow_at_debug(backend: &str) {
             &exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct),
             &key,
         );
-        decode_reply_upstream(
+        let retried = decode_reply_upstream(
             &exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct),
             &key,
         );
+        assert_eq!(retried, id, "the retry was replayed");
         let wrong = pk
             .encrypt(&request(None, "net", &p, random_key()).to_bytes())
             .unwrap();
-        exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &wrong);
+        assert_eq!(
+            exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &wrong),
+            b"\x91\x01Invalid passphrase."
+        );
         for code in [StateCode::Online, StateCode::Loading] {
-            exchange(
+            let reply = exchange(
                 transport,
                 l.ports.state_tcp,
                 l.ports.state_udp,
                 &state_frame(id, &key, code),
             );
+            assert_eq!(reply, 200u16.to_le_bytes(), "{code:?}");
         }
         secrets.push(p.into_bytes());
         secrets.push(key.to_vec());
@@ -70,19 +76,25 @@ fn every_flow_at_debug(backend: &str) {
         "--passphrase",
         typed,
     ]);
+    let typed_key = random_key();
     let ct = pk
-        .encrypt(&request(None, "net", typed, random_key()).to_bytes())
+        .encrypt(&request(None, "net", typed, typed_key).to_bytes())
         .unwrap();
-    tcp_exchange(l.ports.reg_tcp, &ct);
+    decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &typed_key);
     secrets.push(typed.as_bytes().to_vec());
+    secrets.push(typed_key.to_vec());
 
     // pubkey: register, challenge, attest (and a replayed nonce), over TCP and UDP.
     for (n, transport) in [(1, Transport::Tcp), (2, Transport::Udp)] {
         let device = Device::new(n);
-        device.register(transport, &l);
+        assert_eq!(device.register(transport, &l).status(), Status::CREATED);
         let nonce = device.nonce(transport, &l);
-        device.attest(transport, &l, nonce);
-        device.attest(transport, &l, nonce);
+        assert_eq!(device.attest(transport, &l, nonce).status(), Status::OK);
+        assert_eq!(
+            device.attest(transport, &l, nonce).status(),
+            Status::CONFLICT,
+            "a used nonce"
+        );
         secrets.push(nonce.0.to_vec());
         let pem = device.key.to_pkcs8_pem().unwrap();
         secrets.extend(
@@ -104,10 +116,21 @@ fn every_flow_at_debug(backend: &str) {
         }
     }
 
-    assert!(
-        log.contains("outcome=\"created\""),
-        "the run was logged at all:\n{log}"
-    );
+    for outcome in [
+        "created",
+        "replayed",
+        "invalid_passphrase",
+        "changed",
+        "registered",
+        "challenged",
+        "attested",
+        "nonce_used",
+    ] {
+        assert!(
+            log.contains(&format!("outcome=\"{outcome}\"")),
+            "the {outcome} request was logged:\n{log}"
+        );
+    }
     assert!(log.contains("DEBUG"), "debug level was on");
     for secret in &secrets {
         for form in encodings(secret) {
