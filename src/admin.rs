@@ -8,7 +8,7 @@ use clap::Subcommand;
 use registrar::crypto::passphrase;
 use registrar::datadir::DataDir;
 use registrar::server::now_ms;
-use registrar::store::{AnyStore, Device, NewPassphrase, Node, Store};
+use registrar::store::{AnyStore, Creation, Device, NewPassphrase, Node, Store};
 use registrar::wire::ijam::{NetworkId, Passphrase};
 use registrar::wire::pubkey::DeviceId;
 use serde_json::json;
@@ -33,6 +33,13 @@ pub enum NetworkCommand {
     List,
     /// Show one network.
     Show { network: String },
+    /// Delete a network with its pending passphrases and every node registered in it.
+    Delete {
+        network: String,
+        /// Required: the nodes go too, and cannot be brought back.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,9 +106,11 @@ pub enum NodeCommand {
     Revoke { id: Uuid },
 }
 
+/// The data dir and store a listener made: admin commands never make either (run in
+/// another directory, they would start an empty store of their own).
 async fn open_store(common: &Common) -> Result<(DataDir, AnyStore)> {
-    let data = DataDir::open(&common.data_dir)?;
-    let store = AnyStore::open(&common.store, &data.sqlite_path()).await?;
+    let data = DataDir::existing(&common.data_dir)?;
+    let store = AnyStore::open(&common.store, &data.sqlite_path(), Creation::Never).await?;
     Ok((data, store))
 }
 
@@ -190,6 +199,23 @@ pub async fn network(common: &Common, cmd: NetworkCommand) -> Result<()> {
                 );
             }
         }
+        NetworkCommand::Delete { network, yes } => {
+            if !yes {
+                bail!(
+                    "deleting network {network:?} deletes its pending passphrases and every \
+                     node registered in it: run again with --yes"
+                );
+            }
+            let nodes = store.delete_network(&network).await?;
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"network": network, "deleted": true, "nodes": nodes})
+                );
+            } else {
+                println!("deleted network {network} and its {nodes} nodes");
+            }
+        }
         NetworkCommand::Show { network } => {
             let net = store
                 .network(&network)
@@ -269,7 +295,8 @@ pub async fn passphrase(common: &Common, cmd: PassphraseCommand) -> Result<()> {
             }
         }
         PassphraseCommand::List { network } => {
-            let pending = store.passphrases(&network).await?;
+            let mut pending = store.passphrases(&network).await?;
+            pending.sort_by(|a, b| natural_order(&a.node_name, &b.node_name));
             if common.json {
                 println!("{}", serde_json::to_string(&pending)?);
             } else {
@@ -303,6 +330,44 @@ pub async fn passphrase(common: &Common, cmd: PassphraseCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Names as people count them: `cam-2` before `cam-10` (runs of digits compare by
+/// value, the rest as text).
+fn natural_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn chunks(s: &str) -> impl Iterator<Item = (bool, &str)> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digits = first.is_ascii_digit();
+            let end = rest
+                .find(|c: char| c.is_ascii_digit() != digits)
+                .unwrap_or(rest.len());
+            let (chunk, tail) = rest.split_at(end);
+            rest = tail;
+            Some((digits, chunk))
+        })
+    }
+    let (mut a, mut b) = (chunks(a), chunks(b));
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return std::cmp::Ordering::Equal,
+            (None, Some(_)) => return std::cmp::Ordering::Less,
+            (Some(_), None) => return std::cmp::Ordering::Greater,
+            (Some((true, x)), Some((true, y))) => {
+                let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+                let order = x.len().cmp(&y.len()).then_with(|| x.cmp(y));
+                if order.is_ne() {
+                    return order;
+                }
+            }
+            (Some((_, x)), Some((_, y))) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+            }
+        }
+    }
 }
 
 fn node_json(n: &Node) -> serde_json::Value {
@@ -492,7 +557,7 @@ fn fingerprint(key: &registrar::crypto::RsaKey) -> String {
 }
 
 pub fn key(common: &Common, cmd: KeyCommand) -> Result<()> {
-    let data = DataDir::open(&common.data_dir)?;
+    let data = DataDir::existing(&common.data_dir)?;
     let now = now_ms();
     match cmd {
         KeyCommand::Rotate { grace } => {
@@ -540,4 +605,23 @@ pub fn key(common: &Common, cmd: KeyCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_order;
+
+    #[test]
+    fn natural_order_counts_digit_runs() {
+        let mut names = vec![
+            "cam-10", "cam-2", "cam-1", "cam", "cam-02x", "bar-9", "cam-2a",
+        ];
+        names.sort_by(|a, b| natural_order(a, b));
+        assert_eq!(
+            names,
+            [
+                "bar-9", "cam", "cam-1", "cam-2", "cam-2a", "cam-02x", "cam-10"
+            ]
+        );
+    }
 }

@@ -23,6 +23,21 @@ use crate::crypto::{self, CryptoError, KeyRing, RsaKey, StorageKey};
 pub enum DataDirError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "permission denied on {path}: run as the user that owns the data dir, fix its \
+         owner or mode, or choose another --data-dir"
+    )]
+    Permission { path: PathBuf },
+    #[error(
+        "no data dir at {path}: `registrar init` (or the first `registrar serve`) makes \
+         one; give --data-dir or REGISTRAR_DATA_DIR if it lives elsewhere"
+    )]
+    Missing { path: PathBuf },
+    #[error(
+        "{path} is missing: the data dir is incomplete; `registrar init` makes what is \
+         missing (or copy it from the listener's data dir)"
+    )]
+    MissingFile { path: PathBuf },
     #[error("{path}: {source}")]
     Key { path: PathBuf, source: CryptoError },
     #[error("{path}: expected 64 hex characters")]
@@ -59,15 +74,48 @@ pub enum KeyOrigin {
     Generated,
 }
 
-impl DataDir {
-    pub fn open(root: &Path) -> Result<Self, DataDirError> {
-        fs::create_dir_all(root).map_err(|source| DataDirError::Io {
-            path: root.into(),
+/// An I/O error on `path`, with a permission problem said plainly.
+fn io_error(path: &Path, source: io::Error) -> DataDirError {
+    if source.kind() == io::ErrorKind::PermissionDenied {
+        DataDirError::Permission { path: path.into() }
+    } else {
+        DataDirError::Io {
+            path: path.into(),
             source,
-        })?;
+        }
+    }
+}
+
+impl DataDir {
+    /// The data dir at `root`, made (mode 0700, with any missing parents) if it does
+    /// not exist: `serve` and `init`.
+    pub fn create(root: &Path) -> Result<Self, DataDirError> {
+        use std::os::unix::fs::DirBuilderExt;
+        if !root.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(|e| io_error(root, e))?;
+        }
         Ok(DataDir {
             root: root.to_path_buf(),
         })
+    }
+
+    /// The data dir at `root`, which must exist: the admin commands never make one
+    /// (run in the wrong directory, they would start an empty store of their own).
+    pub fn existing(root: &Path) -> Result<Self, DataDirError> {
+        match fs::metadata(root) {
+            Ok(meta) if meta.is_dir() => Ok(DataDir {
+                root: root.to_path_buf(),
+            }),
+            Ok(_) => Err(DataDirError::Missing { path: root.into() }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(DataDirError::Missing { path: root.into() })
+            }
+            Err(e) => Err(io_error(root, e)),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -102,10 +150,7 @@ impl DataDir {
                 })?;
                 if until > now_ms {
                     let path = self.rsa_previous_key_path();
-                    let pem = fs::read_to_string(&path).map_err(|source| DataDirError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                    let pem = fs::read_to_string(&path).map_err(|e| io_error(&path, e))?;
                     let key = RsaKey::from_pkcs8_pem(&pem)
                         .map_err(|source| DataDirError::Key { path, source })?;
                     Some((key, until))
@@ -115,10 +160,7 @@ impl DataDir {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(source) => {
-                return Err(DataDirError::Io {
-                    path: until_path,
-                    source,
-                });
+                return Err(io_error(&until_path, source));
             }
         };
         Ok((KeyRing::new(current, previous), origin))
@@ -140,10 +182,7 @@ impl DataDir {
                 return Err(DataDirError::NoKeyToRotate(current_path));
             }
             Err(source) => {
-                return Err(DataDirError::Io {
-                    path: current_path,
-                    source,
-                });
+                return Err(io_error(&current_path, source));
             }
         };
         let current = RsaKey::from_pkcs8_pem(&pem).map_err(|source| DataDirError::Key {
@@ -228,7 +267,7 @@ impl DataDir {
                     Err(e) => Err(e),
                 }
             }
-            Err(source) => Err(DataDirError::Io { path, source }),
+            Err(e) => Err(io_error(&path, e)),
         }
     }
 
@@ -251,11 +290,11 @@ impl DataDir {
                 write_secret(&path, key.private_pem().as_bytes())?;
                 Ok((key, KeyOrigin::Generated))
             }
-            Err(source) => Err(DataDirError::Io { path, source }),
+            Err(e) => Err(io_error(&path, e)),
         }
     }
 
-    /// Loads the storage key, or makes one on first use (by `serve` or an admin command).
+    /// Loads the storage key, which must exist (admin commands).
     pub fn storage_key(&self) -> Result<StorageKey, DataDirError> {
         let path = self.storage_key_path();
         match fs::read_to_string(&path) {
@@ -267,23 +306,35 @@ impl DataDir {
                 Ok(StorageKey::from_bytes(&bytes))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(DataDirError::MissingFile { path })
+            }
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    /// Loads the storage key, or makes one if there is none yet (`serve`, `init`).
+    pub fn ensure_storage_key(&self) -> Result<(StorageKey, KeyOrigin), DataDirError> {
+        let path = self.storage_key_path();
+        match self.storage_key() {
+            Ok(key) => Ok((key, KeyOrigin::Loaded)),
+            Err(DataDirError::MissingFile { .. }) => {
                 let bytes: [u8; StorageKey::LEN] =
                     crypto::random().map_err(|source| DataDirError::Key {
                         path: path.clone(),
                         source,
                     })?;
                 match write_secret(&path, format!("{}\n", hex::encode(bytes)).as_bytes()) {
-                    Ok(()) => Ok(StorageKey::from_bytes(&bytes)),
-                    // Another process (serve and an admin command) made it first: use theirs.
+                    Ok(()) => Ok((StorageKey::from_bytes(&bytes), KeyOrigin::Generated)),
+                    // Another process (two listeners starting at once) made it first.
                     Err(DataDirError::Io { source, .. })
                         if source.kind() == io::ErrorKind::AlreadyExists =>
                     {
-                        self.storage_key()
+                        Ok((self.storage_key()?, KeyOrigin::Loaded))
                     }
                     Err(e) => Err(e),
                 }
             }
-            Err(source) => Err(DataDirError::Io { path, source }),
+            Err(e) => Err(e),
         }
     }
 }
@@ -292,10 +343,7 @@ impl DataDir {
 /// returns its name. Each writer gets a name of its own, so two processes racing never
 /// share a temporary file.
 fn write_temp(path: &Path, contents: &[u8]) -> Result<PathBuf, DataDirError> {
-    let io_err = |source| DataDirError::Io {
-        path: path.into(),
-        source,
-    };
+    let io_err = |e| io_error(path, e);
     let nonce: [u8; 8] = crypto::random().map_err(|source| DataDirError::Key {
         path: path.into(),
         source,
@@ -320,10 +368,7 @@ fn write_temp(path: &Path, contents: &[u8]) -> Result<PathBuf, DataDirError> {
 /// what was there.
 fn replace_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
     let tmp = write_temp(path, contents)?;
-    fs::rename(&tmp, path).map_err(|source| DataDirError::Io {
-        path: path.into(),
-        source,
-    })
+    fs::rename(&tmp, path).map_err(|e| io_error(path, e))
 }
 
 /// Creates `path` (mode 0600, fsynced), failing with `AlreadyExists` if it exists.
@@ -332,10 +377,7 @@ fn write_secret(path: &Path, contents: &[u8]) -> Result<(), DataDirError> {
     // hard_link fails if `path` exists, so two racing writers never both win.
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
-    linked.map_err(|source| DataDirError::Io {
-        path: path.into(),
-        source,
-    })
+    linked.map_err(|e| io_error(path, e))
 }
 
 #[cfg(test)]
@@ -346,7 +388,7 @@ mod tests {
     #[test]
     fn keys_are_made_once_with_mode_0600_and_reused() {
         let dir = tempfile::tempdir().unwrap();
-        let data = DataDir::open(dir.path()).unwrap();
+        let data = DataDir::create(dir.path()).unwrap();
         let (key, origin) = data.rsa_key(2048).unwrap();
         assert_eq!(origin, KeyOrigin::Generated);
         let mode = fs::metadata(data.rsa_key_path())
@@ -359,7 +401,7 @@ mod tests {
         assert_eq!(again.public_pem(), key.public_pem());
         assert_eq!(again.bits(), 2048);
 
-        let s1 = data.storage_key().unwrap();
+        let (s1, _) = data.ensure_storage_key().unwrap();
         let mode = fs::metadata(data.storage_key_path())
             .unwrap()
             .permissions()

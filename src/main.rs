@@ -12,24 +12,33 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::builder::TypedValueParser;
 use clap::{Args, Parser, Subcommand};
+use registrar::crypto::KeyRing;
 use registrar::datadir::{DataDir, KeyOrigin};
 use registrar::flow::ijam::IjamFlow;
 use registrar::server::envelope::{EnvelopeServer, EnvelopeSockets};
 use registrar::server::pool::CryptoPool;
-use registrar::server::{IjamServer, IjamSockets, ServerConfig};
-use registrar::store::{AnyStore, Store};
+use registrar::server::{ConnectionLimit, IjamServer, IjamSockets, ServerConfig, now_ms};
+use registrar::store::{AnyStore, Creation, Store};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 /// Registrar: a device-registration listener, wire-compatible with the JAMScript-OTA
-/// `ijam` protocol.
+/// `ijam` protocol, with envelope flows (pubkey) on a port of its own.
 ///
-/// Start with `registrar serve`; add a network and passphrases with
-/// `registrar network create` and `registrar passphrase add` (they work while the
-/// listener runs, against the same --data-dir and --store).
+/// Start with `registrar init` (or just `registrar serve`, which makes the data dir on
+/// its first start); add a network and passphrases with `registrar network create` and
+/// `registrar passphrase add` (they work while the listener runs, against the same
+/// --data-dir and --store).
 #[derive(Parser, Debug)]
-#[command(version, propagate_version = true)]
+#[command(
+    version,
+    propagate_version = true,
+    after_help = "Environment:\n  \
+        REGISTRAR_LOG   log level: error, warn, info (default), debug or trace, or tracing\n                  \
+        directives such as `registrar=debug,redis=warn`; a value that is neither is an error\n  \
+        REGISTRAR_*     every option also reads its variable, shown in each command's --help"
+)]
 struct Cli {
     #[command(flatten)]
     common: Common,
@@ -58,8 +67,13 @@ pub struct Common {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the listener: certificate, registration and state ports (TCP, and UDP for
-    /// registration and state).
+    /// registration and state) and the envelope port. On its first start it makes the
+    /// data dir, its keys and the embedded store, as `init` does.
     Serve(ServeArgs),
+    /// Make the data dir (mode 0700), its keys (0600) and, with --store sqlite, the
+    /// embedded store; what already exists is kept. The admin commands never make a
+    /// store: run them where `init` or `serve` made one.
+    Init(InitArgs),
     /// Create, list and inspect networks.
     #[command(subcommand)]
     Network(admin::NetworkCommand),
@@ -75,6 +89,15 @@ enum Command {
     /// List, inspect and revoke the devices of the pubkey flow (envelope port).
     #[command(subcommand)]
     Device(admin::DeviceCommand),
+}
+
+#[derive(Args, Debug)]
+struct InitArgs {
+    /// RSA modulus size of the ijam key, if one is made.
+    #[arg(long, env = "REGISTRAR_RSA_BITS", default_value_t = 2048,
+          value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"])
+              .map(|s| s.parse::<usize>().expect("listed values are numbers")))]
+    rsa_bits: usize,
 }
 
 #[derive(Args, Debug)]
@@ -108,17 +131,16 @@ struct ServeArgs {
     /// dribbling a partial frame).
     #[arg(long, env = "REGISTRAR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
-    /// Open TCP connections at most, across all ports; further ones are closed on accept.
+    /// Open TCP connections at most, all ports together; further ones are closed on
+    /// accept.
     #[arg(long, env = "REGISTRAR_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
     /// Threads for the private-key and signature work (default: one per core).
     #[arg(long, env = "REGISTRAR_CRYPTO_THREADS")]
     crypto_threads: Option<usize>,
     /// Threads for the network I/O, the store client and the logs (default: one per
-    /// four cores, at least one). The crypto threads take the cores' real work; a
-    /// second I/O thread on a small machine only adds wake-ups between the two
-    /// (measured: ~15% more CPU per request on 2 cores). Raise it on many cores with
-    /// busy pipelined clients.
+    /// four cores, at least one). The crypto threads take the cores' real work; raise
+    /// this on many cores with busy pipelined clients (docs/performance.md).
     #[arg(long, env = "REGISTRAR_IO_THREADS")]
     io_threads: Option<usize>,
     /// Requests waiting for a crypto thread at most; more are shed with 503 (TCP) or
@@ -131,13 +153,11 @@ struct ServeArgs {
     /// overload while a short burst is served in full. 0 disables.
     #[arg(long, env = "REGISTRAR_MAX_QUEUE_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
     max_queue_wait: Duration,
-    /// Nice value of the crypto threads (0–19, Linux, per thread). At 19 the I/O thread
-    /// (and a Redis and clients in the listener's session or cgroup) preempt the RSA work
-    /// at once: under 2× overload on 2 cores the admitted p99 was 30–40 ms against
-    /// 40–174 ms at 0. It is not the default because it costs throughput: every
-    /// preemption wakes the I/O and log threads for one event instead of a batch (their
-    /// CPU per registration rose ~15 and ~10 µs), and the maximum rate fell 9–13% (2× overload:
-    /// 20–30% fewer admitted). Set 0 where other CPU-bound work shares the listener's group.
+    /// Nice value of the crypto threads (0–19, Linux, per thread). Higher values let the
+    /// I/O thread (and a Redis and clients in the listener's session or cgroup) preempt
+    /// the RSA work: lower latency under overload, at some cost in maximum throughput
+    /// (docs/performance.md has the figures). Keep 0 where other CPU-bound work shares
+    /// the listener's group.
     #[arg(long, env = "REGISTRAR_CRYPTO_NICE", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     crypto_nice: i32,
     /// Registrations per second allowed per source IP address, sustained (0: no limit).
@@ -159,8 +179,42 @@ struct ServeArgs {
     shutdown_grace: Duration,
 }
 
+/// The log filter from `REGISTRAR_LOG`: a level, or directives naming a target
+/// (`registrar=debug`). A bare word that is neither is refused rather than read as a
+/// target that matches nothing, which would silence the log.
+fn log_filter() -> Result<tracing_subscriber::EnvFilter, String> {
+    use tracing_subscriber::EnvFilter;
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let value = match std::env::var("REGISTRAR_LOG") {
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => return Ok(EnvFilter::new("info")),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err("REGISTRAR_LOG is not valid UTF-8".into());
+        }
+    };
+    let refuse = |why: String| {
+        format!(
+            "REGISTRAR_LOG={value:?} {why}: use error, warn, info, debug or trace, or \
+             directives such as registrar=debug,redis=warn"
+        )
+    };
+    for directive in value.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(refuse(format!("names no level ({directive:?})")));
+        }
+    }
+    EnvFilter::try_new(&value).map_err(|e| refuse(e.to_string()))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let filter = match log_filter() {
+        Ok(filter) => filter,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // One log line per request is thousands of lines a second: a background thread
     // writes them in batches instead of one write(2) each on the request path. Lines
     // are never dropped (a full buffer blocks); the guard flushes them at exit.
@@ -173,10 +227,7 @@ fn main() -> ExitCode {
                 std::io::stderr(),
             ));
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REGISTRAR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(filter)
         .with_writer(log_writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
@@ -199,6 +250,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(&cli.common, args).await,
+            Command::Init(args) => init(&cli.common, args).await,
             Command::Network(cmd) => admin::network(&cli.common, cmd).await,
             Command::Passphrase(cmd) => admin::passphrase(&cli.common, cmd).await,
             Command::Node(cmd) => admin::node(&cli.common, cmd).await,
@@ -228,18 +280,135 @@ fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
-    let data = DataDir::open(&common.data_dir)?;
-    let (keys, origin) = data.rsa_keyring(args.rsa_bits, registrar::server::now_ms())?;
+/// What `init` and `serve` found or made in the data dir and the store.
+struct Prepared {
+    data: DataDir,
+    keys: KeyRing,
+    storage: registrar::crypto::StorageKey,
+    signing: registrar::crypto::ecdsa::SigningKey,
+    store: AnyStore,
+    /// What this start made, for the first-start guide (empty: all was there).
+    made: Vec<String>,
+}
+
+/// Makes whatever is missing of the data dir (0700), its keys (0600) and the store.
+async fn prepare(common: &Common, rsa_bits: usize) -> Result<Prepared> {
+    let data = DataDir::create(&common.data_dir)?;
+    let mut made = Vec::new();
+    let (keys, origin) = data.rsa_keyring(rsa_bits, now_ms())?;
     if origin == KeyOrigin::Generated {
         info!(path = %data.rsa_key_path().display(), bits = keys.current().bits(), "generated a new RSA key pair");
+        made.push(format!(
+            "RSA-{} key {}",
+            keys.current().bits(),
+            data.rsa_key_path().display()
+        ));
     }
-    let storage = data.storage_key()?;
-    let store = Arc::new(
-        AnyStore::open(&common.store, &data.sqlite_path())
-            .await
-            .context("cannot open the store")?,
-    );
+    let (storage, origin) = data.ensure_storage_key()?;
+    if origin == KeyOrigin::Generated {
+        made.push(format!("storage key {}", data.storage_key_path().display()));
+    }
+    let (signing, origin) = data.signing_key()?;
+    if origin == KeyOrigin::Generated {
+        info!(path = %data.signing_key_path().display(), "generated a new ECDSA P-256 signing key");
+        made.push(format!("signing key {}", data.signing_key_path().display()));
+    }
+    let sqlite = data.sqlite_path();
+    let fresh_sqlite = common.store == "sqlite" && !sqlite.exists();
+    let store = AnyStore::open(&common.store, &sqlite, Creation::IfMissing)
+        .await
+        .context("cannot open the store")?;
+    if fresh_sqlite {
+        made.push(format!("SQLite store {}", sqlite.display()));
+    }
+    Ok(Prepared {
+        data,
+        keys,
+        storage,
+        signing,
+        store,
+        made,
+    })
+}
+
+/// The admin command prefix for this data dir and every non-default store option, so
+/// a hint pasted as printed reaches the same store.
+fn admin_prefix(common: &Common, data: &DataDir) -> String {
+    let mut prefix = format!("registrar --data-dir {}", data.path().display());
+    if common.store != "sqlite" {
+        prefix.push_str(&format!(
+            " --store {}",
+            registrar::store::redis::redact_url(&common.store)
+        ));
+    }
+    prefix
+}
+
+/// What to do next, after a start that made the data dir's contents.
+fn first_start_guide(common: &Common, prepared: &Prepared) -> String {
+    let prefix = admin_prefix(common, &prepared.data);
+    let mut guide = String::from("first start: made ");
+    guide.push_str(&prepared.made.join(", "));
+    guide.push_str(&format!(
+        "\nadd a network:    {prefix} network create NETWORK --owner USER\n\
+         add a passphrase: {prefix} passphrase add NETWORK --node-name NAME"
+    ));
+    if common.store.contains('@') {
+        guide.push_str("\n(the store URL's password is shown as ***: give it as REGISTRAR_STORE)");
+    }
+    guide
+}
+
+async fn init(common: &Common, args: InitArgs) -> Result<()> {
+    let prepared = prepare(common, args.rsa_bits).await?;
+    if common.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "data_dir": prepared.data.path(),
+                "store": prepared.store.describe(),
+                "made": prepared.made,
+                "rsa_bits": prepared.keys.current().bits(),
+            })
+        );
+    } else if prepared.made.is_empty() {
+        println!(
+            "{} and its store {} were already complete; nothing made",
+            prepared.data.path().display(),
+            prepared.store.describe()
+        );
+    } else {
+        println!("{}", first_start_guide(common, &prepared));
+    }
+    Ok(())
+}
+
+async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
+    // Every socket first: a port in use is an error naming it, before any file is made.
+    let sockets =
+        IjamSockets::bind(args.bind, args.cert_port, args.reg_port, args.state_port).await?;
+    let envelope_sockets = EnvelopeSockets::bind(args.bind, args.envelope_port).await?;
+    let metrics_listener = match args.metrics_addr {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr} (metrics, --metrics-addr)"))?,
+        ),
+        None => None,
+    };
+    let mut ports = format!("{} {}", sockets.describe()?, envelope_sockets.describe()?);
+
+    let prepared = prepare(common, args.rsa_bits).await?;
+    let guide = (!prepared.made.is_empty()).then(|| first_start_guide(common, &prepared));
+    let Prepared {
+        data,
+        keys,
+        storage,
+        signing,
+        store,
+        ..
+    } = prepared;
+    let store = Arc::new(store);
     let store_url = store.describe();
     let flow = Arc::new(IjamFlow::new(
         keys,
@@ -257,28 +426,14 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     .context("cannot start the crypto pool")?;
     let config = ServerConfig {
         idle_timeout: args.idle_timeout,
-        max_connections: args.max_connections,
+        connections: ConnectionLimit::new(args.max_connections),
         rate_per_source: args.rate_per_source,
         burst: args.burst,
         ..ServerConfig::default()
     };
-    let sockets = IjamSockets::bind(args.bind, args.cert_port, args.reg_port, args.state_port)
-        .await
-        .with_context(|| format!("cannot bind on {}", args.bind))?;
-    let envelope_sockets = EnvelopeSockets::bind(args.bind, args.envelope_port)
-        .await
-        .with_context(|| format!("cannot bind the envelope port on {}", args.bind))?;
-    let mut ports = format!("{} {}", sockets.describe()?, envelope_sockets.describe()?);
-    let (signing, signing_origin) = data.signing_key()?;
-    if signing_origin == KeyOrigin::Generated {
-        info!(path = %data.signing_key_path().display(), "generated a new ECDSA P-256 signing key");
-    }
     let cancel = CancellationToken::new();
-    if let Some(addr) = args.metrics_addr {
+    if let Some(listener) = metrics_listener {
         let handle = registrar::server::metrics::install().map_err(anyhow::Error::msg)?;
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot bind the metrics listener on {addr}"))?;
         ports = format!(
             "{ports} {}",
             registrar::server::metrics::describe(listener.local_addr()?)
@@ -320,16 +475,8 @@ async fn serve(common: &Common, args: ServeArgs) -> Result<()> {
     info!(store = %store_url, rsa_bits = flow.keys().current().bits(), crypto_threads = threads, crypto_nice = args.crypto_nice, io_threads = args.io_threads(), "registrar started");
     // Stable line: tests and scripts read the bound ports from it.
     println!("registrar listening {ports} store={store_url}");
-    if origin == KeyOrigin::Generated {
-        println!(
-            "first start: RSA-{} key written to {}\n\
-             add a network:    registrar --data-dir {} network create NETWORK --owner USER\n\
-             add a passphrase: registrar --data-dir {} passphrase add NETWORK --node-name NAME",
-            flow.keys().current().bits(),
-            data.rsa_key_path().display(),
-            data.path().display(),
-            data.path().display(),
-        );
+    if let Some(guide) = guide {
+        println!("{guide}");
     }
 
     wait_for_shutdown_signal().await;
@@ -361,7 +508,7 @@ async fn watch_rsa_keys<S: Store>(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = registrar::server::now_ms();
+        let now = now_ms();
         let current = data.rsa_key_stamp();
         let expired = flow
             .keys()

@@ -440,7 +440,8 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+        let store =
+            SqliteStore::open(&dir.path().join("db"), crate::store::Creation::IfMissing).unwrap();
         Fixture {
             flow: PubkeyFlow::new(StorageKey::from_bytes(&[7; 32]), Arc::new(store)),
             _dir: dir,

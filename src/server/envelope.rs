@@ -1,4 +1,4 @@
-//! The envelope port (DESIGN.md "The envelope", default 8447, TCP and UDP): frames
+//! The envelope port (docs/design.md "The envelope", default 8447, TCP and UDP): frames
 //! from `codec::EnvelopeCodec`, dispatched by flow to `flow::core` and `flow::pubkey`.
 //!
 //! - **TCP**: a connection pipelines: each frame is handled in its own task (at most
@@ -61,8 +61,8 @@ pub struct EnvelopeSockets {
 
 impl EnvelopeSockets {
     /// TCP and UDP on `port`; 0 picks one free port for both.
-    pub async fn bind(ip: std::net::IpAddr, port: u16) -> io::Result<Self> {
-        let (tcp, udp) = bind_pair(ip, port).await?;
+    pub async fn bind(ip: std::net::IpAddr, port: u16) -> Result<Self, super::BindError> {
+        let (tcp, udp) = bind_pair(ip, port, "envelope port", "--envelope-port").await?;
         Ok(EnvelopeSockets { tcp, udp })
     }
 
@@ -82,7 +82,6 @@ pub struct EnvelopeServer<S> {
     pool: CryptoPool,
     config: ServerConfig,
     max_payload: u32,
-    connections: Arc<Semaphore>,
     limiter: Option<RateLimiter>,
     /// Cancelled at shutdown: stop reading; what was read is answered.
     shutdown: CancellationToken,
@@ -117,7 +116,6 @@ impl<S: Store> EnvelopeServer<S> {
             core,
             pubkey,
             pool,
-            connections: Arc::new(Semaphore::new(config.max_connections)),
             limiter: RateLimiter::new(config.rate_per_source, config.burst),
             config,
             max_payload,
@@ -146,8 +144,8 @@ impl<S: Store> EnvelopeServer<S> {
                     continue;
                 }
             };
-            let Ok(permit) = Arc::clone(&self.connections).try_acquire_owned() else {
-                debug!(%peer, max = self.config.max_connections, "connection limit reached; closing");
+            let Some(permit) = self.config.connections.try_acquire() else {
+                debug!(%peer, max = self.config.connections.max(), "connection limit reached; closing");
                 metrics::connection_refused("envelope");
                 continue;
             };

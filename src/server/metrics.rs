@@ -132,11 +132,56 @@ pub fn install() -> Result<PrometheusHandle, String> {
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0,
     ];
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(LATENCY.into()), BUCKETS)
         .map_err(|e| e.to_string())?
         .install_recorder()
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    describe_series();
+    Ok(handle)
+}
+
+/// The `# HELP` line of every series.
+fn describe_series() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        REQUESTS,
+        "Requests answered or dropped, by flow, transport and outcome (every port)."
+    );
+    describe_histogram!(
+        LATENCY,
+        metrics::Unit::Seconds,
+        "Time from a request's arrival to its reply, by flow and transport."
+    );
+    describe_counter!(
+        SHED,
+        "Requests refused because the crypto queue was full or standing (503, or dropped on UDP)."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by the per-source token bucket (429)."
+    );
+    describe_counter!(
+        STORE_ERRORS,
+        "Requests that failed on the store (503), by flow."
+    );
+    describe_gauge!(CONNECTIONS, "TCP connections open now, all ports together.");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "TCP connections closed at accept because --max-connections were open, by port."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "TCP connections the server closed, by port and reason (idle, partial_frame, bad_frames, …)."
+    );
+    describe_gauge!(
+        CRYPTO_QUEUE,
+        "Requests queued for or running on a crypto thread."
+    );
+    describe_gauge!(
+        UDP_KERNEL_DROPS,
+        "Datagrams the kernel dropped from a full UDP receive buffer, by port (read from /proc at each scrape)."
+    );
 }
 
 /// Datagrams the kernel dropped because a UDP socket's receive buffer was full (a flood

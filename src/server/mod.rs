@@ -38,8 +38,9 @@ pub struct ServerConfig {
     /// A TCP connection with no complete frame for this long is closed (idle, or a
     /// partial frame dribbled in).
     pub idle_timeout: Duration,
-    /// Open TCP connections across all ports; more are closed on accept.
-    pub max_connections: usize,
+    /// Open TCP connections across all ports; more are closed on accept. Every server
+    /// built from clones of one config shares it.
+    pub connections: ConnectionLimit,
     /// Undecryptable or malformed frames in a row before a TCP connection is closed.
     pub max_bad_frames: u32,
     /// UDP requests in flight per port; datagrams beyond it are dropped.
@@ -53,12 +54,38 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             idle_timeout: Duration::from_secs(30),
-            max_connections: 10_000,
+            connections: ConnectionLimit::new(10_000),
             max_bad_frames: 4,
             max_udp_in_flight: 4096,
             rate_per_source: 100.0,
             burst: 1000,
         }
+    }
+}
+
+/// The cap on open TCP connections, one for all the ports of a listener: cloning it
+/// shares it.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Self {
+        ConnectionLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A permit for one more connection, held while it is open; `None` at the cap.
+    pub fn try_acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.permits).try_acquire_owned().ok()
     }
 }
 
@@ -71,6 +98,35 @@ pub struct IjamSockets {
     pub state_udp: UdpSocket,
 }
 
+/// A socket that could not be bound, named as the operator knows it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({port}, {option}): {source}{}", bind_hint(.source, .option))]
+pub struct BindError {
+    /// Which port: "certificate port", "registration port", …
+    pub port: &'static str,
+    /// The option that sets it, for the hint.
+    pub option: &'static str,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+fn bind_hint(e: &io::Error, option: &str) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "; another program (a second registrar, or the servers it replaces) holds it: \
+             stop that one, or choose another port with {option}"
+        ),
+        io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need privileges (CAP_NET_BIND_SERVICE)".into()
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "; that address is not on this host: check --bind".into()
+        }
+        _ => String::new(),
+    }
+}
+
 impl IjamSockets {
     /// Binds all five; a reg or state port of 0 picks one free port for TCP and UDP.
     pub async fn bind(
@@ -78,10 +134,16 @@ impl IjamSockets {
         cert_port: u16,
         reg_port: u16,
         state_port: u16,
-    ) -> io::Result<Self> {
-        let cert = listen(ip, cert_port)?;
-        let (reg_tcp, reg_udp) = bind_pair(ip, reg_port).await?;
-        let (state_tcp, state_udp) = bind_pair(ip, state_port).await?;
+    ) -> Result<Self, BindError> {
+        let cert = listen(ip, cert_port).map_err(|source| BindError {
+            port: "certificate port",
+            option: "--cert-port",
+            addr: (ip, cert_port).into(),
+            source,
+        })?;
+        let (reg_tcp, reg_udp) = bind_pair(ip, reg_port, "registration port", "--reg-port").await?;
+        let (state_tcp, state_udp) =
+            bind_pair(ip, state_port, "state port", "--state-port").await?;
         Ok(IjamSockets {
             cert,
             reg_tcp,
@@ -136,23 +198,35 @@ pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket.into())
 }
 
-/// TCP and UDP on the same port number.
+/// TCP and UDP on the same port number; `port` and `option` name it in an error.
 pub(crate) async fn bind_pair(
     ip: std::net::IpAddr,
-    port: u16,
-) -> io::Result<(TcpListener, UdpSocket)> {
-    if port != 0 {
-        return Ok((listen(ip, port)?, bind_udp((ip, port).into())?));
+    number: u16,
+    port: &'static str,
+    option: &'static str,
+) -> Result<(TcpListener, UdpSocket), BindError> {
+    let error = |addr, source| BindError {
+        port,
+        option,
+        addr,
+        source,
+    };
+    let addr = SocketAddr::from((ip, number));
+    if number != 0 {
+        let tcp = listen(ip, number).map_err(|e| error(addr, e))?;
+        let udp = bind_udp(addr).map_err(|e| error(addr, e))?;
+        return Ok((tcp, udp));
     }
-    let mut last = None;
+    let mut last = io::Error::other("no free port for TCP and UDP");
     for _ in 0..64 {
-        let tcp = listen(ip, 0)?;
-        match bind_udp(tcp.local_addr()?) {
+        let tcp = listen(ip, 0).map_err(|e| error(addr, e))?;
+        let local = tcp.local_addr().map_err(|e| error(addr, e))?;
+        match bind_udp(local) {
             Ok(udp) => return Ok((tcp, udp)),
-            Err(e) => last = Some(e),
+            Err(e) => last = e,
         }
     }
-    Err(last.unwrap_or_else(|| io::Error::other("no free port for TCP and UDP")))
+    Err(error(addr, last))
 }
 
 pub fn now_ms() -> i64 {
@@ -166,7 +240,6 @@ pub struct IjamServer<S> {
     pub flow: Arc<IjamFlow<S>>,
     pub pool: CryptoPool,
     pub config: ServerConfig,
-    connections: Arc<Semaphore>,
     limiter: Option<RateLimiter>,
     /// Cancelled at shutdown: connections stop reading new requests, but a request
     /// already read is answered.
@@ -181,7 +254,6 @@ impl<S: Store> IjamServer<S> {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(IjamServer {
-            connections: Arc::new(Semaphore::new(config.max_connections)),
             limiter: RateLimiter::new(config.rate_per_source, config.burst),
             flow,
             pool,
@@ -264,16 +336,20 @@ impl<S: Store> IjamServer<S> {
                 _ = self.shutdown.cancelled() => return,
                 read = tokio::time::timeout(self.config.idle_timeout, stream.read_exact(&mut request)) => read,
             };
+            let started = Instant::now();
             match read {
                 Ok(Ok(_)) if request == CERT_REQUEST => {
                     info!(flow = "ijam", port = "cert", transport = "tcp", %peer, outcome = "certificate");
                     let keys = self.flow.keys();
-                    if stream.write_all(keys.certificate_reply()).await.is_err() {
+                    let sent = stream.write_all(keys.certificate_reply()).await;
+                    metrics::request("ijam_cert", "tcp", "certificate", started.elapsed());
+                    if sent.is_err() {
                         return;
                     }
                 }
                 Ok(Ok(_)) => {
                     warn!(flow = "ijam", port = "cert", %peer, "not a certificate request; closing");
+                    metrics::request("ijam_cert", "tcp", "bad_request", started.elapsed());
                     metrics::connection_closed("cert", "bad_request");
                     return;
                 }
@@ -431,19 +507,26 @@ impl<S: Store> IjamServer<S> {
         peer: SocketAddr,
         transport: &'static str,
     ) -> (Vec<u8>, bool) {
+        const FLOW: &str = "ijam_state";
         let started = Instant::now();
         let result = self
             .flow
             .change_state(&frame, &peer.ip().to_string(), now_ms())
             .await;
-        let latency_us = started.elapsed().as_micros() as u64;
+        let latency = started.elapsed();
+        let latency_us = latency.as_micros() as u64;
         match result {
             Ok((node_id, code)) => {
                 info!(flow = "ijam", port = "state", transport, %peer, outcome = "changed", %node_id, to = ?code, latency_us);
+                metrics::request(FLOW, transport, "changed", latency);
                 (ijam::state_reply(ijam::Status::OK).to_vec(), false)
             }
             Err(e) => {
                 log_failure("state", transport, peer, &e, latency_us);
+                metrics::request(FLOW, transport, e.outcome(), latency);
+                if let IjamError::Store(_) = e {
+                    metrics::store_error(FLOW);
+                }
                 let bad = matches!(e, IjamError::Malformed(_));
                 (e.state_reply().to_vec(), bad)
             }
@@ -515,9 +598,9 @@ async fn accept_loop<S, F, Fut>(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&server.connections).try_acquire_owned() else {
+        let Some(permit) = server.config.connections.try_acquire() else {
             // One line per refusal would flood the log under attack: the metric counts.
-            debug!(%peer, max = server.config.max_connections, "connection limit reached; closing");
+            debug!(%peer, max = server.config.connections.max(), "connection limit reached; closing");
             metrics::connection_refused(port);
             continue;
         };
@@ -613,7 +696,9 @@ mod tests {
 
     #[tokio::test]
     async fn udp_sockets_get_a_receive_buffer_for_bursts() {
-        let (_tcp, udp) = bind_pair("127.0.0.1".parse().unwrap(), 0).await.unwrap();
+        let (_tcp, udp) = bind_pair("127.0.0.1".parse().unwrap(), 0, "test port", "--test")
+            .await
+            .unwrap();
         let granted = socket2::SockRef::from(&udp).recv_buffer_size().unwrap();
         // Linux grants the smaller of the request and rmem_max, and reports it doubled
         // (bookkeeping overhead).

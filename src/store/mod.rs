@@ -3,7 +3,7 @@
 //!
 //! Every operation a flow needs is ONE atomic call (a Lua script on Redis, one
 //! transaction on SQLite), so two listeners racing for the same passphrase get
-//! exactly one winner (DESIGN.md "Stores"). Secrets never reach the store as sent:
+//! exactly one winner (docs/design.md "Stores"). Secrets never reach the store as sent:
 //! passphrases arrive as keyed hashes ([`PassphraseHash`]) and node keys sealed
 //! ([`SealedNodeKey`]); the store never sees a key that could unseal them.
 //!
@@ -29,6 +29,12 @@ pub enum StoreError {
     /// The store could not be reached or failed mid-operation; nothing was written.
     #[error("store unavailable ({url}): {cause}")]
     Unavailable { url: String, cause: String },
+    /// An admin command found no store where it looked (it never makes one).
+    #[error(
+        "no store at {url}: `registrar init` (or the first `registrar serve`) makes it; \
+         for a Redis store give --store redis://host:port/db"
+    )]
+    Missing { url: String },
     #[error("network {0:?} does not exist")]
     UnknownNetwork(String),
     #[error("network {0:?} already exists")]
@@ -135,7 +141,7 @@ impl NodeStatus {
         })
     }
 
-    /// The statuses from which a node may move to `self` (DESIGN.md, state request).
+    /// The statuses from which a node may move to `self` (schemas/ijam.md, state requests).
     pub fn allowed_origins(self) -> &'static [NodeStatus] {
         match self {
             NodeStatus::Online => &[NodeStatus::Offline, NodeStatus::Online, NodeStatus::Loading],
@@ -292,6 +298,9 @@ pub trait Store: Send + Sync + 'static {
     fn network(&self, id: &str)
     -> impl Future<Output = Result<Option<Network>, StoreError>> + Send;
     fn networks(&self) -> impl Future<Output = Result<Vec<Network>, StoreError>> + Send;
+    /// Removes a network with its pending passphrases, replay records and nodes;
+    /// returns how many nodes went with it (unknown network: `UnknownNetwork`).
+    fn delete_network(&self, id: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Adds all or none: an unknown network, a taken node name or a duplicate secret
     /// fails the whole batch.
@@ -365,6 +374,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// Whether opening a store may make it: the listener and `init` make the embedded
+/// store on first use; the admin commands never do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Creation {
+    IfMissing,
+    Never,
+}
+
 /// The store a listener or admin command was configured with (`--store`).
 pub enum AnyStore {
     Sqlite(sqlite::SqliteStore),
@@ -373,18 +390,28 @@ pub enum AnyStore {
 
 impl AnyStore {
     /// `sqlite` (the file in the data dir) or a `redis://` / `rediss://` URL.
-    pub async fn open(spec: &str, sqlite_path: &std::path::Path) -> Result<Self, StoreError> {
+    pub async fn open(
+        spec: &str,
+        sqlite_path: &std::path::Path,
+        creation: Creation,
+    ) -> Result<Self, StoreError> {
         if spec == "sqlite" {
-            Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(sqlite_path)?))
+            Ok(AnyStore::Sqlite(sqlite::SqliteStore::open(
+                sqlite_path,
+                creation,
+            )?))
         } else if ["redis://", "rediss://", "redis+unix://"]
             .iter()
             .any(|p| spec.starts_with(p))
         {
             Ok(AnyStore::Redis(redis::RedisStore::connect(spec).await?))
         } else {
+            let scheme = spec.split_once("://").map_or(spec, |(scheme, _)| scheme);
             Err(StoreError::Unavailable {
                 url: redis::redact_url(spec),
-                cause: "unknown store: use `sqlite` or a redis://host:port/db URL".into(),
+                cause: format!(
+                    "unknown store {scheme:?}: use `sqlite` or a redis://host:port/db URL"
+                ),
             })
         }
     }
@@ -417,6 +444,9 @@ impl Store for AnyStore {
     }
     async fn networks(&self) -> Result<Vec<Network>, StoreError> {
         delegate!(self, s => s.networks().await)
+    }
+    async fn delete_network(&self, id: &str) -> Result<u64, StoreError> {
+        delegate!(self, s => s.delete_network(id).await)
     }
     async fn add_passphrases(
         &self,

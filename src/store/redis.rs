@@ -63,6 +63,7 @@ fn used_nonce_key(id: DeviceId, nonce: &[u8]) -> String {
 
 struct Scripts {
     create_network: Script,
+    delete_network: Script,
     add_passphrases: Script,
     revoke_passphrase: Script,
     register: Script,
@@ -77,6 +78,7 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             create_network: Script::new(include_str!("redis/create_network.lua")),
+            delete_network: Script::new(include_str!("redis/delete_network.lua")),
             add_passphrases: Script::new(include_str!("redis/add_passphrases.lua")),
             revoke_passphrase: Script::new(include_str!("redis/revoke_passphrase.lua")),
             register: Script::new(include_str!("redis/register.lua")),
@@ -344,6 +346,69 @@ impl Store for RedisStore {
             }),
             "exists" => Err(StoreError::NetworkExists(id.to_owned())),
             _ => Err(unexpected("create_network", &reply)),
+        }
+    }
+
+    async fn delete_network(&self, id: &str) -> Result<u64, StoreError> {
+        let reply = self
+            .inner
+            .run(
+                &self.inner.scripts.delete_network,
+                &[
+                    net_key(id),
+                    pp_key(id),
+                    ppnames_key(id),
+                    nodes_key(id),
+                    NETWORKS_KEY.to_owned(),
+                ],
+                &[id.to_owned()],
+            )
+            .await?;
+        match tag(&reply) {
+            "unknown" => Err(StoreError::UnknownNetwork(id.to_owned())),
+            "ok" => {
+                let nodes = &reply[1..];
+                if !nodes.is_empty() {
+                    let mut pipe = redis::pipe();
+                    for node in nodes {
+                        let node = Uuid::parse_str(node).map_err(|_| {
+                            StoreError::Corrupt(format!("node id {node:?} in network {id:?}"))
+                        })?;
+                        pipe.del(node_key(node)).ignore();
+                    }
+                    self.inner.query::<()>(&pipe).await?;
+                }
+                // Replay records would answer a retry should a network of the same id
+                // be made before they expire: found by pattern (admin only, rare).
+                let pattern = format!("{}*", glob_escape(&replay_key(id, "")));
+                let mut cursor = 0u64;
+                loop {
+                    let (next, keys): (u64, Vec<String>) = self
+                        .inner
+                        .query::<((u64, Vec<String>),)>(
+                            redis::pipe()
+                                .cmd("SCAN")
+                                .arg(cursor)
+                                .arg("MATCH")
+                                .arg(&pattern)
+                                .arg("COUNT")
+                                .arg(1000),
+                        )
+                        .await?
+                        .0;
+                    if !keys.is_empty() {
+                        self.inner
+                            .query::<()>(redis::pipe().del(keys).ignore())
+                            .await?;
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+                Ok(nodes.len() as u64)
+            }
+            _ => Err(unexpected("delete_network", &reply)),
         }
     }
 
@@ -722,6 +787,18 @@ impl Store for RedisStore {
     }
 }
 
+/// `text` as a literal in a SCAN MATCH pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn tag(reply: &[String]) -> &str {
     reply.first().map(String::as_str).unwrap_or_default()
 }
@@ -827,7 +904,7 @@ fn parse_device(id: DeviceId, record: &HashMap<String, String>) -> Result<Device
 
 /// `url` with the password replaced by `***`, both in the userinfo
 /// (`redis://user:secret@host`) and in `pass=` / `password=` query parameters.
-pub(crate) fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         // Not a URL the client will accept; show only that much.
         return "<unparsable redis url>".to_owned();

@@ -18,9 +18,9 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{
-    AttestOp, AttestOutcome, Device, DeviceRegisterOutcome, DeviceStatus, Network, NewPassphrase,
-    Node, NodeStatus, PendingPassphrase, RegisterOp, RegisterOutcome, SealedNodeKey, Store,
-    StoreError, TransitionOutcome,
+    AttestOp, AttestOutcome, Creation, Device, DeviceRegisterOutcome, DeviceStatus, Network,
+    NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp, RegisterOutcome, SealedNodeKey,
+    Store, StoreError, TransitionOutcome,
 };
 use crate::wire::pubkey::DeviceId;
 
@@ -97,10 +97,42 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database and starts its writer thread.
-    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+    /// Opens the database and starts its writer thread. With `Creation::IfMissing` a
+    /// missing file is made, mode 0600 (SQLite gives its -wal and -shm files the
+    /// database's mode); with `Creation::Never` it is `StoreError::Missing`.
+    pub fn open(path: &Path, creation: Creation) -> Result<SqliteStore, StoreError> {
         let unavailable = |e: rusqlite::Error| unavailable(path, e);
-        let conn = Connection::open(path).map_err(unavailable)?;
+        let io_unavailable = |e: std::io::Error| StoreError::Unavailable {
+            url: describe(path),
+            cause: if e.kind() == std::io::ErrorKind::PermissionDenied {
+                "permission denied: run as the user that owns the data dir, or fix its mode".into()
+            } else {
+                e.to_string()
+            },
+        };
+        if !path.exists() {
+            if creation == Creation::Never {
+                return Err(StoreError::Missing {
+                    url: describe(path),
+                });
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                // Another process made it first.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_unavailable(e)),
+            }
+        }
+        // Never SQLite's own create: the file above carries the mode.
+        let flags =
+            rusqlite::OpenFlags::default().difference(rusqlite::OpenFlags::SQLITE_OPEN_CREATE);
+        let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
         // WAL lets admin commands read while the listener writes; FULL makes each
         // commit durable before any reply goes out.
@@ -605,6 +637,28 @@ impl Store for SqliteStore {
     async fn network(&self, id: &str) -> Result<Option<Network>, StoreError> {
         let id = id.to_owned();
         self.call(move |conn| read_network(conn, &id)).await
+    }
+
+    async fn delete_network(&self, id: &str) -> Result<u64, StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            for table in ["replay", "passphrases"] {
+                conn.exec(&format!("DELETE FROM {table} WHERE network = ?1"), [&id])
+                    .db()?;
+            }
+            let nodes = conn
+                .exec("DELETE FROM nodes WHERE network = ?1", [&id])
+                .db()?;
+            if conn
+                .exec("DELETE FROM networks WHERE id = ?1", [&id])
+                .db()?
+                == 0
+            {
+                return Err(StoreError::UnknownNetwork(id));
+            }
+            Ok(nodes as u64)
+        })
+        .await
     }
 
     async fn networks(&self) -> Result<Vec<Network>, StoreError> {

@@ -1,4 +1,4 @@
-//! The envelope (DESIGN.md "The envelope"): the frame every flow but `ijam` travels in,
+//! The envelope (docs/design.md "The envelope"): the frame every flow but `ijam` travels in,
 //! on the envelope port (8447, TCP and UDP). Byte layout: `schemas/envelope.json`;
 //! semantics: `schemas/envelope.md`.
 //!

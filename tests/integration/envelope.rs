@@ -283,7 +283,7 @@ fn challenge_and_attest_rows(backend: &str) {
     let Some(l) = listener(backend, &[]) else {
         return;
     };
-    let storage = DataDir::open(l.data_dir.path())
+    let storage = DataDir::existing(l.data_dir.path())
         .unwrap()
         .storage_key()
         .unwrap();

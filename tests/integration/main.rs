@@ -5,6 +5,8 @@ mod admission;
 mod envelope;
 mod faults;
 mod ijam;
+mod operator;
+mod repository;
 mod schemas;
 mod secrets;
 mod soak;

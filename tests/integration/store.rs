@@ -29,6 +29,7 @@ macro_rules! store_battery {
     ($open:path) => {
         store_battery!(@tests $open;
             networks_create_get_list,
+            delete_network_takes_its_nodes_and_passphrases,
             passphrases_add_and_list,
             passphrase_batch_is_all_or_nothing,
             passphrase_revoke,
@@ -84,7 +85,11 @@ mod sqlite {
 
     async fn open() -> Option<Fixture<SqliteStore>> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let store = SqliteStore::open(&dir.path().join("registrar.db")).expect("open sqlite store");
+        let store = SqliteStore::open(
+            &dir.path().join("registrar.db"),
+            registrar::store::Creation::IfMissing,
+        )
+        .expect("open sqlite store");
         Some(Fixture::new(store, dir))
     }
 
@@ -513,6 +518,46 @@ pub mod battery {
             Err(StoreError::UnknownNetwork(n)) if n == "nowhere"
         ));
         assert_eq!(s.nodes(None).await.unwrap(), vec![]);
+    }
+
+    pub async fn delete_network_takes_its_nodes_and_passphrases<S: Store>(s: &S) {
+        network_with(s, "gone", "alice", &[("a", "n1"), ("b", "n2"), ("c", "n3")]).await;
+        network_with(s, "kept", "alice", &[("d", "k1")]).await;
+        for (label, n) in [("a", 1), ("b", 2)] {
+            s.register(op("gone", label, id(n))).await.unwrap();
+        }
+        s.register(op("kept", "d", id(3))).await.unwrap();
+        assert_eq!(s.delete_network("gone").await.unwrap(), 2);
+        assert_eq!(s.network("gone").await.unwrap(), None);
+        assert_eq!(
+            (s.node(id(1)).await.unwrap(), s.node(id(2)).await.unwrap()),
+            (None, None)
+        );
+        assert!(matches!(
+            s.passphrases("gone").await,
+            Err(StoreError::UnknownNetwork(_))
+        ));
+        // A retry of a registration in the deleted network finds no network, and its
+        // passphrase does not come back with a new network of the same name.
+        assert_eq!(
+            s.register(op("gone", "a", id(4))).await.unwrap(),
+            RegisterOutcome::InvalidPassphrase
+        );
+        s.create_network("gone", "bob", "again", NOW).await.unwrap();
+        for label in ["a", "c"] {
+            assert_eq!(
+                s.register(op("gone", label, id(5))).await.unwrap(),
+                RegisterOutcome::InvalidPassphrase,
+                "{label}: no replay, no passphrase of the old network"
+            );
+        }
+        // The other network is untouched.
+        assert!(s.node(id(3)).await.unwrap().is_some());
+        assert_eq!(s.networks().await.unwrap().len(), 2);
+        assert!(matches!(
+            s.delete_network("never").await,
+            Err(StoreError::UnknownNetwork(_))
+        ));
     }
 
     pub async fn register_creates_node<S: Store>(s: &S) {

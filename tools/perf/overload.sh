@@ -30,7 +30,7 @@ load() {
 summary() {
     python3 -c '
 import json, sys
-r = json.load(sys.stdin); a = r["latency_ms_admitted"]; n = sum(r["outcomes"].values())
+r = json.load(sys.stdin); a = r["latency_ms_from_sent"]; n = sum(r["outcomes"].values())
 shed = sum(v for k, v in r["outcomes"].items() if k != "200")
 steal = (r.get("machine_cpu") or {}).get("steal_share", 0.0)
 print("%s: offered %.0f/s, admitted %.0f/s, admitted p50 %.1f / p99 %.1f / max %.1f ms, not admitted %.1f%% %s (steal: %.1f%% of CPU time)" % (

@@ -24,7 +24,7 @@ use registrar::datadir::DataDir;
 use registrar::flow::ijam::{
     REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_RATE_LIMITED, REASON_REQUEST, REASON_UNAVAILABLE,
 };
-use registrar::store::{AnyStore, NewPassphrase, Store};
+use registrar::store::{AnyStore, Creation, NewPassphrase, Store};
 use registrar::wire::ijam::{NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -72,6 +72,10 @@ pub struct LoadIjamArgs {
     /// Use these passphrases (one per line, for --network) instead of minting them.
     #[arg(long, requires = "network")]
     passphrase_file: Option<PathBuf>,
+    /// Keep the `load-XXXXXXXX` network this run made, with its nodes (it is deleted
+    /// at the end otherwise).
+    #[arg(long)]
+    keep_network: bool,
     /// Network of --passphrase-file; without a file a fresh `load-XXXXXXXX` network is made.
     #[arg(long)]
     network: Option<String>,
@@ -141,7 +145,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
     let public_key = if args.rsa_key_from_server {
         fetch_public_key(&args.server, args.cert_port).await?
     } else {
-        let data = DataDir::open(&args.data_dir)?;
+        let data = DataDir::existing(&args.data_dir)?;
         let pem = std::fs::read_to_string(data.rsa_key_path()).with_context(|| {
             format!(
                 "{}: use --rsa-key-from-server to fetch the key instead",
@@ -152,6 +156,7 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         RsaPublicKey::from_pem(key.public_pem().as_bytes())?
     };
 
+    let minted = args.passphrase_file.is_none();
     let (network, passphrases) = match &args.passphrase_file {
         Some(file) => {
             let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
@@ -212,13 +217,13 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         workers.spawn(worker.run());
     }
     let (progress, ticker) = self::progress(count, &done);
-    let mut histogram = latency_histogram()?;
-    let mut admitted = latency_histogram()?;
+    let mut from_due = latency_histogram()?;
+    let mut from_sent = latency_histogram()?;
     let mut tally = Tally::default();
     while let Some(result) = workers.join_next().await {
-        let (h, a, t) = result??;
-        histogram.add(&h)?;
-        admitted.add(&a)?;
+        let (due, sent, t) = result??;
+        from_due.add(&due)?;
+        from_sent.add(&sent)?;
         for (k, v) in t.outcomes {
             *tally.outcomes.entry(k).or_default() += v;
         }
@@ -242,6 +247,17 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         .get(&Outcome::Status(200))
         .copied()
         .unwrap_or(0);
+    let mut warnings = Vec::new();
+    if let Some(&limited) = tally.outcomes.get(&Outcome::Status(429)) {
+        warnings.push(format!(
+            "{limited} of {sent} requests were refused with 429 by the listener's per-source \
+             rate limit: this run measured that limit, not the listener. Start the listener \
+             with --rate-per-source 0 for a load test."
+        ));
+    }
+    if minted && !args.keep_network {
+        delete_network(args, &network).await?;
+    }
     let secs = elapsed.as_secs_f64();
     let outcomes: serde_json::Map<String, serde_json::Value> = tally
         .outcomes
@@ -258,8 +274,10 @@ async fn run_async(args: &LoadIjamArgs) -> Result<serde_json::Value> {
         "seconds": secs,
         "registrations_per_second": ok as f64 / secs,
         "requests_per_second": sent as f64 / secs,
-        "latency_ms": latency_json(&histogram),
-        "latency_ms_admitted": latency_json(&admitted),
+        "latency_ms": latency_json(&from_due),
+        "latency_ms_from_sent": latency_json(&from_sent),
+        "warnings": warnings,
+        "network_deleted": minted && !args.keep_network,
         "offered_achieved_per_second": sent as f64 / secs,
         "outcomes": outcomes,
         "listener_cpu_seconds": cpu,
@@ -305,7 +323,13 @@ pub(crate) fn latency_histogram() -> Result<Histogram<u64>> {
 /// p50/p90/p99/max of a latency histogram, in milliseconds.
 pub(crate) fn latency_json(h: &Histogram<u64>) -> serde_json::Value {
     let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
-    json!({ "p50": q(0.50), "p90": q(0.90), "p99": q(0.99), "max": h.max() as f64 / 1000.0 })
+    json!({
+        "count": h.len(),
+        "p50": q(0.50),
+        "p90": q(0.90),
+        "p99": q(0.99),
+        "max": h.max() as f64 / 1000.0,
+    })
 }
 
 /// The human-readable summary of a `run` result.
@@ -314,9 +338,16 @@ pub fn summary(r: &serde_json::Value) -> String {
         .as_object()
         .map(|m| m.iter().map(|(k, v)| format!("{k}: {v}")).collect())
         .unwrap_or_default();
-    let mut text = format!(
+    let mut text = String::new();
+    for warning in r["warnings"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "WARNING: {}\n",
+            warning.as_str().unwrap_or_default()
+        ));
+    }
+    text.push_str(&format!(
         "{} registrations in {:.2} s over {} {} connections: {:.1} registrations/s\n\
-         latency ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}\n\
+         latency of the registrations, ms: p50 {:.3}  p90 {:.3}  p99 {:.3}  max {:.3}\n\
          outcomes by status: {}",
         r["registrations"],
         r["seconds"].as_f64().unwrap_or(0.0),
@@ -328,7 +359,7 @@ pub fn summary(r: &serde_json::Value) -> String {
         r["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
         r["latency_ms"]["max"].as_f64().unwrap_or(0.0),
         outcomes.join(", "),
-    );
+    ));
     if let (Some(cpu), Some(per)) = (
         r["listener_cpu_seconds"].as_f64(),
         r["listener_cpu_us_per_registration"].as_f64(),
@@ -378,10 +409,21 @@ async fn fetch_public_key(host: &str, port: u16) -> Result<RsaPublicKey> {
     Ok(RsaPublicKey::from_pem(&reply)?)
 }
 
+/// Removes the network `mint` made, with the nodes the run registered.
+async fn delete_network(args: &LoadIjamArgs, network: &str) -> Result<()> {
+    let data = DataDir::existing(&args.data_dir)?;
+    let store = AnyStore::open(&args.store, &data.sqlite_path(), Creation::Never).await?;
+    store
+        .delete_network(network)
+        .await
+        .with_context(|| format!("deleting the load network {network}"))?;
+    Ok(())
+}
+
 /// A fresh network and `count` passphrases, minted through the store.
 async fn mint(args: &LoadIjamArgs, count: usize) -> Result<(String, Vec<String>)> {
-    let data = DataDir::open(&args.data_dir)?;
-    let store = AnyStore::open(&args.store, &data.sqlite_path()).await?;
+    let data = DataDir::existing(&args.data_dir)?;
+    let store = AnyStore::open(&args.store, &data.sqlite_path(), Creation::Never).await?;
     let storage = data.storage_key()?;
     let suffix: [u8; 4] = crypto::random()?;
     let network = format!("load-{}", hex::encode(suffix));
@@ -509,7 +551,15 @@ impl MachineCpu {
     /// the whole machine and of the load tool; `null` figures when nothing completed.
     fn until(&self, now: &MachineCpu, ops: u64) -> serde_json::Value {
         let total = now.total_s - self.total_s;
-        let share = |secs: f64| if total > 0.0 { secs / total } else { 0.0 };
+        // Clamped: the ticks are sums of floats, and a share past 1 only by rounding
+        // would read as more than all cores.
+        let share = |secs: f64| {
+            if total > 0.0 {
+                (secs / total).clamp(0.0, 1.0)
+            } else {
+                0.0
+            }
+        };
         let per_op = |secs: f64| (ops > 0).then(|| (secs * 1e7 / ops as f64).round() / 10.0);
         json!({
             "busy_share": share(now.busy_s - self.busy_s),
@@ -660,10 +710,11 @@ enum Conn {
 }
 
 impl Worker {
-    /// Latency of every request, latency of the admitted (200) ones, outcome counts.
+    /// Latency of the admitted (200) requests from when each was due and from when it
+    /// was sent, and the outcome counts.
     async fn run(self) -> Result<(Histogram<u64>, Histogram<u64>, Tally)> {
-        let mut histogram = latency_histogram()?;
-        let mut admitted = latency_histogram()?;
+        let mut from_due = latency_histogram()?;
+        let mut from_sent = latency_histogram()?;
         let mut tally = Tally::default();
         let mut conn = if self.udp {
             let bind: SocketAddr = if self.addr.is_ipv4() {
@@ -696,16 +747,18 @@ impl Worker {
             }
             let sent = Instant::now();
             let outcome = self.exchange(&mut conn, request).await;
-            histogram.saturating_record(due.elapsed().as_micros().max(1) as u64);
-            // The server's view: from the moment the request left, whatever the
-            // client's own backlog (which `latency_ms` includes).
+            // Only registrations count: a refusal (429, 503) is answered at once and
+            // would make the listener look faster than it is.
             if outcome == Outcome::Status(200) {
-                admitted.saturating_record(sent.elapsed().as_micros().max(1) as u64);
+                from_due.saturating_record(due.elapsed().as_micros().max(1) as u64);
+                // The server's view: from the moment the request left, whatever the
+                // client's own backlog (which `from_due` includes).
+                from_sent.saturating_record(sent.elapsed().as_micros().max(1) as u64);
             }
             *tally.outcomes.entry(outcome).or_default() += 1;
             self.done.fetch_add(1, Ordering::Relaxed);
         }
-        Ok((histogram, admitted, tally))
+        Ok((from_due, from_sent, tally))
     }
 
     async fn exchange(&self, conn: &mut Conn, request: &Prepared) -> Outcome {

@@ -225,6 +225,11 @@ fn main() -> ExitCode {
     match result {
         Ok(out) => {
             if cli.json {
+                // Warnings (a load run that measured a rate limit) go to stderr as
+                // well, where a person watching a scripted run sees them.
+                for warning in out.json["warnings"].as_array().into_iter().flatten() {
+                    eprintln!("WARNING: {}", warning.as_str().unwrap_or_default());
+                }
                 println!("{}", out.json);
             } else if let Some(text) = out.text {
                 println!("{text}");
@@ -375,11 +380,12 @@ fn change_state(args: &StateArgs) -> Result<Output> {
             ),
         ));
     }
+    let from = info.status_name();
     info.node_status = args.state as u32;
     node_file::save(state_file, &info)
         .with_context(|| format!("the server accepted {to}, but the state file was not updated"))?;
     Ok(Output {
-        text: None,
-        json: json!({"status": status.0}),
+        text: Some(format!("{} {from} → {to}", info.node_id)),
+        json: json!({"status": status.0, "node_id": info.node_id.hyphenated().to_string(), "from": from, "to": to}),
     })
 }

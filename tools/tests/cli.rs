@@ -11,6 +11,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use serde_json::json;
 use tempfile::TempDir;
 
 const NODE_BIN: &str = env!("CARGO_BIN_EXE_registrar-node");
@@ -38,21 +39,21 @@ struct Listener {
 
 impl Listener {
     fn start() -> Listener {
-        Self::start_with_key("rsa2048_private_key.pem")
+        Self::start_with_key("rsa2048_private_key.pem", &[])
     }
 
-    /// `key`: a private key from the shared vectors, copied into the data dir.
-    fn start_with_key(key: &str) -> Listener {
+    /// `key`: a private key from the repository's vectors, copied into the data dir;
+    /// `extra`: more `serve` options.
+    fn start_with_key(key: &str, extra: &[&str]) -> Listener {
         let root = tempfile::tempdir().expect("temp dir");
         let data = root.path().join("data");
         fs::create_dir(&data).unwrap();
         let key = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../shared/vectors/ijam")
+            .join("../tests/vectors/ijam")
             .join(key);
-        // A known key saves a key generation per test; without it the listener makes one.
-        if key.exists() {
-            fs::copy(&key, data.join("rsa_private_key.pem")).unwrap();
-        }
+        // A known key saves a key generation per test.
+        fs::copy(&key, data.join("rsa_private_key.pem"))
+            .unwrap_or_else(|e| panic!("{}: {e}", key.display()));
         let stderr = fs::File::create(root.path().join("listener.stderr")).unwrap();
         let mut child = Command::new(registrar_bin())
             .arg("--data-dir")
@@ -62,6 +63,7 @@ impl Listener {
             .args(["--envelope-port", "0"])
             // No sojourn shedding: a busy test machine must not turn replies into 503s.
             .args(["--max-queue-wait", "0"])
+            .args(extra)
             .env("REGISTRAR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -115,13 +117,19 @@ impl Listener {
         self.root.path().join(name)
     }
 
-    fn admin(&self, args: &[&str]) -> Output {
-        let out = Command::new(registrar_bin())
+    /// Runs an admin command on the listener's data dir, whatever its outcome.
+    fn admin_raw(&self, args: &[&str]) -> Output {
+        Command::new(registrar_bin())
             .arg("--data-dir")
             .arg(self.data_dir())
             .args(args)
             .output()
-            .expect("run registrar");
+            .expect("run registrar")
+    }
+
+    /// Runs an admin command that must succeed.
+    fn admin(&self, args: &[&str]) -> Output {
+        let out = self.admin_raw(args);
         assert!(
             out.status.success(),
             "registrar {args:?} failed: {}",
@@ -267,7 +275,7 @@ fn registers_over_tcp_and_the_listener_knows_the_node() {
 
 #[test]
 fn registers_with_an_rsa_4096_key_whose_pem_is_exactly_800_bytes() {
-    let l = Listener::start_with_key("rsa4096_private_key.pem");
+    let l = Listener::start_with_key("rsa4096_private_key.pem", &[]);
     l.create_network("net1");
     let file = l.state_file("node.bin");
     let run = l
@@ -371,9 +379,18 @@ fn state_changes_follow_the_allowed_transitions() {
     assert_eq!(read_state_file(&file).1, OFFLINE, "unchanged on refusal");
 
     let run = l.state("online", &file, &["--json"]).expect(0);
-    assert_eq!(run.stdout.trim(), r#"{"status":200}"#);
+    let printed: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+    assert_eq!(
+        (&printed["status"], &printed["from"], &printed["to"]),
+        (&json!(200), &json!("offline"), &json!("online"))
+    );
     assert_eq!(read_state_file(&file).1, ONLINE);
-    l.state("loading", &file, &["--udp"]).expect(0);
+    let run = l.state("loading", &file, &["--udp"]).expect(0);
+    assert!(
+        run.stdout.trim().ends_with("online → loading"),
+        "the outcome is printed: {}",
+        run.stdout
+    );
     assert_eq!(read_state_file(&file).1, LOADING);
 }
 
@@ -552,10 +569,14 @@ fn the_load_tool_mints_its_passphrases_registers_them_all_and_reports() {
             report["machine_cpu"]["load_tool_us_per_op"].is_number(),
             "{report}"
         );
+        assert_eq!(report["warnings"], json!([]), "{report}");
+        // The run removes the network it made, with its nodes.
+        assert_eq!(report["network_deleted"], true, "{report}");
         let network = report["network"].as_str().unwrap();
-        let nodes = l.admin(&["--json", "node", "list", "--network", network]);
+        assert!(!l.admin_raw(&["network", "show", network]).status.success());
+        let nodes = l.admin(&["--json", "node", "list"]);
         let nodes: Vec<serde_json::Value> = serde_json::from_slice(&nodes.stdout).unwrap();
-        assert_eq!(nodes.len(), 60);
+        assert!(nodes.is_empty(), "{nodes:?}");
     }
     // With the key fetched from the server and a rate: the text summary.
     let run = node(
@@ -578,6 +599,47 @@ fn the_load_tool_mints_its_passphrases_registers_them_all_and_reports() {
     assert!(run.stdout.contains("20 registrations in"), "{}", run.stdout);
     assert!(
         run.stdout.contains("outcomes by status: 200: 20"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn a_load_run_that_met_the_rate_limit_says_so_and_times_registrations_only() {
+    let l = Listener::start_with_key(
+        "rsa2048_private_key.pem",
+        &["--rate-per-source", "0.001", "--burst", "10"],
+    );
+    let (cert, reg, data) = (
+        l.cert.port().to_string(),
+        l.reg.port().to_string(),
+        l.data_dir(),
+    );
+    let args = [
+        &["load", "ijam", "--server", "127.0.0.1"] as &[&str],
+        &["--cert-port", &cert],
+        &["--reg-port", &reg],
+        &["--data-dir", data.to_str().unwrap()],
+        &["--count", "40", "--connections", "1"],
+    ]
+    .concat();
+    let run = node(&[&["--json"], args.as_slice()].concat()).expect(0);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["outcomes"]["200"], 10, "{report}");
+    assert_eq!(report["outcomes"]["429"], 30, "{report}");
+    let warning = report["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("30 of 40 requests were refused with 429"),
+        "{warning}"
+    );
+    assert!(run.stderr.contains("WARNING: 30 of 40"), "{}", run.stderr);
+    // The percentiles are the ten registrations' alone.
+    assert_eq!(report["latency_ms"]["count"], 10, "{report}");
+    assert_eq!(report["latency_ms_from_sent"]["count"], 10, "{report}");
+    let run = node(&args).expect(0);
+    assert!(
+        run.stdout
+            .starts_with("WARNING: 40 of 40 requests were refused with 429"),
         "{}",
         run.stdout
     );

@@ -18,17 +18,18 @@ local fresh_key, requested_key = KEYS[6], KEYS[7]
 local network, pp_hash, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local fresh_id, requested_id, sealed, node_type, arch = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 
--- 1. A byte-identical retry within the TTL gets the same answer.
+-- 1. The network must exist (a deleted one leaves replay records behind until they
+-- expire), and a byte-identical retry within the TTL gets the same answer.
+local owner = redis.call('HGET', net_key, 'owner')
+if not owner then
+  return {'invalid'}
+end
 local replayed = redis.call('GET', replay_key)
 if replayed then
   return {'replayed', replayed}
 end
 
 -- 2. The passphrase must be pending in this network and not expired.
-local owner = redis.call('HGET', net_key, 'owner')
-if not owner then
-  return {'invalid'}
-end
 local entry = redis.call('HGET', pp_key, pp_hash)
 if not entry then
   return {'invalid'}

@@ -15,7 +15,7 @@ use super::redis_server::PrivateRedis;
 pub const BIN: &str = env!("CARGO_BIN_EXE_registrar");
 
 pub fn vectors_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/ijam")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/ijam")
 }
 
 pub fn vector(name: &str) -> Vec<u8> {
@@ -70,6 +70,8 @@ pub struct Listener {
     line: String,
     /// Everything logged so far, and a signal for each new chunk.
     stderr: Arc<(Mutex<Vec<u8>>, Condvar)>,
+    /// Everything printed on stdout so far, likewise.
+    stdout: Arc<(Mutex<Vec<u8>>, Condvar)>,
     _backend: Backend,
 }
 
@@ -114,7 +116,11 @@ impl Listener {
             // a slow or busy machine (the suites run in parallel) a burst of RSA work can
             // take: these suites test what a request gets, so it is off; pool.rs tests
             // the shedding itself, and admission.rs the 503 of a full queue.
-            .args(["--max-queue-wait", "0"])
+            .args(
+                ["--max-queue-wait", "0"]
+                    .iter()
+                    .filter(|_| !extra.contains(&"--max-queue-wait")),
+            )
             .args(extra)
             .env("REGISTRAR_LOG", "debug")
             .stdout(Stdio::piped())
@@ -136,11 +142,17 @@ impl Listener {
         });
         let (line_tx, line_rx) = mpsc::channel();
         let out = BufReader::new(child.stdout.take().unwrap());
+        let stdout = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let sink = Arc::clone(&stdout);
         std::thread::spawn(move || {
             for line in out.lines().map_while(Result::ok) {
                 if line.starts_with("registrar listening ") {
-                    let _ = line_tx.send(line);
+                    let _ = line_tx.send(line.clone());
                 }
+                let mut text = sink.0.lock().unwrap();
+                text.extend_from_slice(line.as_bytes());
+                text.push(b'\n');
+                sink.1.notify_all();
             }
         });
         let line = match line_rx.recv_timeout(Duration::from_secs(60)) {
@@ -177,6 +189,7 @@ impl Listener {
             store,
             line,
             stderr,
+            stdout,
             _backend: backend,
         }
     }
@@ -261,18 +274,14 @@ impl Listener {
     /// Blocks until `needle` appears `count` times in the log (bounded: panics after
     /// a minute, printing the log).
     pub fn wait_for_log_count(&self, needle: &str, count: usize) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let (log, grew) = &*self.stderr;
-        let mut log = log.lock().unwrap();
-        while String::from_utf8_lossy(&log).matches(needle).count() < count {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            assert!(
-                !left.is_zero(),
-                "{needle:?} ×{count} never logged:\n{}",
-                String::from_utf8_lossy(&log)
-            );
-            log = grew.wait_timeout(log, left).unwrap().0;
-        }
+        wait_for(&self.stderr, "logged", needle, count);
+    }
+
+    /// Blocks until the listener printed a line holding `needle` on stdout; returns
+    /// everything it printed so far.
+    pub fn wait_for_stdout(&self, needle: &str) -> String {
+        wait_for(&self.stdout, "printed", needle, 1);
+        String::from_utf8_lossy(&self.stdout.0.lock().unwrap()).into_owned()
     }
 
     /// Sends a signal (`TERM`, `INT`, `KILL`) to the listener.
@@ -311,6 +320,23 @@ impl Drop for Listener {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Blocks until `needle` appears `count` times in `text` (bounded: panics after a
+/// minute, printing what there is).
+fn wait_for(text: &(Mutex<Vec<u8>>, Condvar), verb: &str, needle: &str, count: usize) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let (text, grew) = text;
+    let mut text = text.lock().unwrap();
+    while String::from_utf8_lossy(&text).matches(needle).count() < count {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "{needle:?} ×{count} never {verb}:\n{}",
+            String::from_utf8_lossy(&text)
+        );
+        text = grew.wait_timeout(text, left).unwrap().0;
     }
 }
 
