@@ -15,6 +15,7 @@
 //! `redis-server` on a free loopback port, killed at the end; without `redis-server` on
 //! PATH the Redis benches print a "skipped" line.
 
+use registrar::core::random;
 use std::cell::Cell;
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -25,18 +26,18 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tokio::runtime::Runtime;
 use uuid::Uuid;
 
-use registrar::crypto::{
+use registrar::core::crypto::{
     self, KeyRing, MAX_MODULUS_LEN, RsaKey, RsaPublicKey, StorageKey, passphrase,
 };
 use registrar::flow::ijam::{
     DEFAULT_REPLAY_TTL_MS, IjamError, IjamFlow, RegisterRandomness, Registered,
 };
+use registrar::store::ijam::{IjamStore, NewPassphrase};
 use registrar::store::redis::RedisStore;
 use registrar::store::sqlite::SqliteStore;
-use registrar::store::{NewPassphrase, Store};
 use registrar::wire::ijam::{
-    NetworkId, NodeArch, NodeKey, NodeType, REGISTER_REPLY_LEN, RegisterRequest, StateCode,
-    register_reply, register_reply_plaintext,
+    NetworkId, NodeArch, NodeKey, NodeType, Passphrase, REGISTER_REPLY_LEN, RegisterRequest,
+    StateCode, register_reply, register_reply_plaintext,
 };
 
 const MEASUREMENT: Duration = Duration::from_secs(5);
@@ -149,7 +150,7 @@ fn state_open(c: &mut Criterion) {
 
 /// One store behind an `IjamFlow` with the RSA-2048 vector key, and a network whose
 /// passphrase pool is minted on demand.
-struct Bench<S: Store> {
+struct Bench<S: IjamStore> {
     flow: IjamFlow<S>,
     public: RsaPublicKey,
     /// The flow's storage key (the flow does not expose it), to hash minted passphrases.
@@ -159,9 +160,9 @@ struct Bench<S: Store> {
     minted: Cell<u64>,
 }
 
-impl<S: Store> Bench<S> {
+impl<S: IjamStore> Bench<S> {
     fn new(rt: &Runtime, store: S) -> Self {
-        let master: [u8; StorageKey::LEN] = crypto::random().expect("random");
+        let master: [u8; StorageKey::LEN] = random::bytes().expect("random");
         let rsa = rsa_key(2048);
         let public = RsaPublicKey::from_pem(rsa.public_pem().as_bytes()).expect("public key");
         let flow = IjamFlow::new(
@@ -190,7 +191,8 @@ impl<S: Store> Bench<S> {
         let mut requests = Vec::with_capacity(n as usize);
         let mut batch = Vec::with_capacity(MINT_BATCH);
         for i in 0..n {
-            let pass = passphrase::generate().expect("passphrase");
+            let pass = Passphrase::new(&passphrase::generate().expect("passphrase"))
+                .expect("generated passphrases are valid");
             let serial = self.minted.get();
             self.minted.set(serial + 1);
             batch.push(NewPassphrase {
@@ -202,7 +204,7 @@ impl<S: Store> Bench<S> {
                 node_id: None,
                 network_id: self.network.clone(),
                 passphrase: pass,
-                node_key: NodeKey(crypto::random().expect("random")),
+                node_key: NodeKey(random::bytes().expect("random")),
                 node_type: NodeType::Device,
                 node_arch: NodeArch::X86Ubuntu,
             };
@@ -229,7 +231,7 @@ impl<S: Store> Bench<S> {
             let start = Instant::now();
             for cipher in &ciphertexts {
                 let request = self.flow.open_request(cipher, now_ms()).expect("opens");
-                let rand = RegisterRandomness::from_os().expect("random");
+                let rand = RegisterRandomness::from_bytes(random::bytes().expect("random"));
                 expect_created(self.flow.register(&request, now_ms(), rand).await);
             }
             start.elapsed()
@@ -242,7 +244,7 @@ impl<S: Store> Bench<S> {
         rt.block_on(async {
             let start = Instant::now();
             for request in &requests {
-                let rand = RegisterRandomness::from_os().expect("random");
+                let rand = RegisterRandomness::from_bytes(random::bytes().expect("random"));
                 expect_created(self.flow.register(request, now_ms(), rand).await);
             }
             start.elapsed()

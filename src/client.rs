@@ -7,7 +7,7 @@ pub mod pubkey;
 use uuid::Uuid;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::crypto;
+use crate::core::crypto;
 use crate::wire::DecodeError;
 use crate::wire::ijam::{self, NodeKey, RawRegisterReply, RawStateRequest, StateCode};
 

@@ -7,8 +7,7 @@
 
 pub mod client;
 pub mod codec;
-pub mod crypto;
-pub mod datadir;
+pub mod core;
 pub mod flow;
 pub mod server;
 pub mod store;

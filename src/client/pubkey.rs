@@ -10,7 +10,7 @@
 //! let frame: Vec<u8> = pubkey::register_frame(1, id, &key).unwrap(); // send it, read one frame back
 //! ```
 
-use crate::crypto::CryptoError;
+use crate::core::crypto::CryptoError;
 use crate::wire::core::HELLO;
 use crate::wire::envelope::{self, BadFrame, Flow, Header, Kind};
 use crate::wire::pubkey::{
@@ -19,7 +19,7 @@ use crate::wire::pubkey::{
 };
 
 /// A device's ECDSA P-256 key pair (PKCS#8 PEM on disk).
-pub use crate::crypto::ecdsa::SigningKey as DeviceKey;
+pub use crate::core::crypto::ecdsa::SigningKey as DeviceKey;
 
 /// A request frame of any flow and kind.
 pub fn request_frame(flow: Flow, kind: Kind, request_id: u32, payload: &[u8]) -> Vec<u8> {
@@ -100,7 +100,7 @@ pub fn parse_reply(bytes: &[u8], max_payload: u32) -> Result<(Header, &[u8]), Ba
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::ecdsa;
+    use crate::core::crypto::ecdsa;
     use crate::wire::envelope::{DEFAULT_MAX_PAYLOAD, Status};
     use crate::wire::pubkey::Request;
 

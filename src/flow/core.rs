@@ -1,32 +1,19 @@
 //! Flow 0 (core): `Hello` tells a device what this server speaks and which key it
 //! signs with. No store, no clock; the reply is built once at start-up.
 
+use std::convert::Infallible;
+
 use bytes::Bytes;
 
+use super::{Classified, Context, EnvelopeFlow, Failure, Offload, Reply};
 use crate::wire::DecodeError;
 use crate::wire::core::{HELLO, HelloReply};
 use crate::wire::envelope::{Flow, Kind, Status};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CoreError {
-    #[error("malformed request: {0}")]
-    Malformed(DecodeError),
-}
-
-impl CoreError {
-    /// The one place core errors become wire statuses.
-    pub fn status(&self) -> Status {
-        match self {
-            CoreError::Malformed(_) => Status::BAD_REQUEST,
-        }
-    }
-
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            CoreError::Malformed(_) => "malformed",
-        }
-    }
+/// A core request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoreRequest {
+    Hello,
 }
 
 pub struct CoreFlow {
@@ -46,20 +33,53 @@ impl CoreFlow {
             hello: Bytes::from(reply.to_bytes()),
         }
     }
+}
 
-    /// A core request: the reply status and payload.
-    pub fn handle(&self, kind: Kind, payload: &[u8]) -> Result<(Status, Bytes), CoreError> {
+impl EnvelopeFlow for CoreFlow {
+    const FLOW: Flow = Flow::CORE;
+    const NAME: &'static str = "core";
+    type Request = CoreRequest;
+    type Error = Infallible;
+
+    fn parse(&self, kind: Kind, payload: &[u8]) -> Result<CoreRequest, DecodeError> {
         match kind {
-            HELLO if payload.is_empty() => Ok((Status::OK, self.hello.clone())),
-            HELLO => Err(CoreError::Malformed(DecodeError::Length {
+            HELLO if payload.is_empty() => Ok(CoreRequest::Hello),
+            HELLO => Err(DecodeError::Length {
                 expected: 0,
                 got: payload.len(),
-            })),
-            other => Err(CoreError::Malformed(DecodeError::Unknown {
+            }),
+            other => Err(DecodeError::Unknown {
                 field: "kind",
                 value: other.0.into(),
-            })),
+            }),
         }
+    }
+
+    /// A Hello is answered from memory.
+    fn rate_limited(&self, _kind: Kind) -> bool {
+        false
+    }
+
+    fn subject(_request: &CoreRequest) -> Option<String> {
+        None
+    }
+
+    async fn handle<O: Offload>(
+        &self,
+        request: CoreRequest,
+        _ctx: Context<'_, O>,
+    ) -> Result<Reply, Failure<Infallible>> {
+        match request {
+            CoreRequest::Hello => Ok(Reply {
+                status: Status::OK,
+                payload: self.hello.clone(),
+                outcome: "hello",
+            }),
+        }
+    }
+
+    fn classify(error: &Infallible) -> Classified {
+        match *error {}
     }
 }
 
@@ -67,25 +87,37 @@ impl CoreFlow {
 mod tests {
     use super::*;
 
-    #[test]
-    fn hello_answers_version_flows_limit_and_key() {
+    struct Inline;
+
+    impl Offload for Inline {
+        async fn run<T, W>(&self, work: W) -> Result<T, super::super::Refusal>
+        where
+            T: Send + 'static,
+            W: FnOnce() -> T + Send + 'static,
+        {
+            Ok(work())
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_answers_version_flows_limit_and_key() {
         let core = CoreFlow::new(&[Flow::CORE, Flow::PUBKEY], 4096, &[1, 2, 3]);
-        let (status, payload) = core.handle(HELLO, &[]).unwrap();
-        assert_eq!(status, Status::OK);
-        let hello = HelloReply::parse(&payload).unwrap();
+        let request = core.parse(HELLO, &[]).unwrap();
+        let ctx = Context {
+            now_ms: 0,
+            random: [0; 32],
+            offload: &Inline,
+        };
+        let reply = core.handle(request, ctx).await.unwrap();
+        assert_eq!(reply.status, Status::OK);
+        let hello = HelloReply::parse(&reply.payload).unwrap();
         assert_eq!(hello.server_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(hello.flows, [Flow::CORE, Flow::PUBKEY]);
         assert_eq!(
             (hello.max_payload, hello.signing_key),
             (4096, vec![1, 2, 3])
         );
-        assert_eq!(
-            core.handle(HELLO, &[0]).unwrap_err().status(),
-            Status::BAD_REQUEST
-        );
-        assert_eq!(
-            core.handle(Kind(2), &[]).unwrap_err().status(),
-            Status::BAD_REQUEST
-        );
+        assert!(core.parse(HELLO, &[0]).is_err());
+        assert!(core.parse(Kind(2), &[]).is_err());
     }
 }

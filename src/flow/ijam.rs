@@ -11,12 +11,11 @@ use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
-use crate::crypto::{self, CryptoError, KeyRing, MAX_MODULUS_LEN, StorageKey, passphrase};
-use crate::store::{NodeStatus, RegisterOp, RegisterOutcome, Store, StoreError, TransitionOutcome};
+use crate::core::crypto::{self, CryptoError, KeyRing, MAX_MODULUS_LEN, StorageKey, passphrase};
+use crate::store::StoreError;
+use crate::store::ijam::{IjamStore, NodeStatus, RegisterOp, RegisterOutcome, TransitionOutcome};
 use crate::wire::DecodeError;
-use crate::wire::ijam::{
-    self, RawStateRequest, RegisterRequest, STATE_REQUEST_LEN, StateCode, Status,
-};
+use crate::wire::ijam::{self, RegisterRequest, StateCode, StateRequest, Status};
 
 /// How long a byte-identical retry gets the same node id back.
 pub const DEFAULT_REPLAY_TTL_MS: i64 = 10 * 60 * 1000;
@@ -44,17 +43,11 @@ pub enum IjamError {
     Store(#[from] StoreError),
     #[error("crypto: {0}")]
     Crypto(CryptoError),
-    #[error("overloaded: crypto queue full")]
-    Overloaded,
-    #[error("rate limited")]
-    RateLimited,
 }
 
-pub const REASON_REQUEST: &str = "request";
-pub const REASON_INVALID_PASSPHRASE: &str = "Invalid passphrase.";
-pub const REASON_UNAVAILABLE: &str = "Service unavailable.";
-pub const REASON_BUSY: &str = "Server busy.";
-pub const REASON_RATE_LIMITED: &str = "Too many requests.";
+pub use crate::wire::ijam::{
+    REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_RATE_LIMITED, REASON_REQUEST, REASON_UNAVAILABLE,
+};
 
 impl IjamError {
     /// The wire status and reason of this failure: the single mapping point.
@@ -71,8 +64,6 @@ impl IjamError {
             IjamError::Store(_) | IjamError::Crypto(_) => {
                 (Status::SERVICE_UNAVAILABLE, REASON_UNAVAILABLE)
             }
-            IjamError::Overloaded => (Status::SERVICE_UNAVAILABLE, REASON_BUSY),
-            IjamError::RateLimited => (Status::TOO_MANY_REQUESTS, REASON_RATE_LIMITED),
         }
     }
 
@@ -98,8 +89,6 @@ impl IjamError {
             IjamError::TransitionNotAllowed { .. } => "transition_not_allowed",
             IjamError::Store(_) => "store_unavailable",
             IjamError::Crypto(_) => "crypto_error",
-            IjamError::Overloaded => "shed",
-            IjamError::RateLimited => "rate_limited",
         }
     }
 }
@@ -131,16 +120,25 @@ impl Registered {
 /// Randomness a registration consumes, drawn by the caller.
 #[derive(Debug, Clone, Copy)]
 pub struct RegisterRandomness {
+    /// The node's id if it gets a new one (a UUIDv4).
     pub fresh_id: Uuid,
+    /// The reply's AES-CBC IV.
     pub iv: [u8; 16],
+    /// The AES-GCM nonce that seals the node key at rest.
+    pub seal_nonce: crypto::storage_key::SealNonce,
 }
 
 impl RegisterRandomness {
-    pub fn from_os() -> Result<Self, CryptoError> {
-        Ok(RegisterRandomness {
-            fresh_id: crypto::random_uuid()?,
-            iv: crypto::random()?,
-        })
+    /// From 44 random bytes: the id's 16 (made a UUIDv4), the IV's 16, the nonce's 12.
+    pub fn from_bytes(bytes: [u8; 44]) -> Self {
+        let (id, rest) = bytes.split_at(16);
+        let (iv, nonce) = rest.split_at(16);
+        RegisterRandomness {
+            fresh_id: uuid::Builder::from_random_bytes(id.try_into().expect("16 bytes"))
+                .into_uuid(),
+            iv: iv.try_into().expect("16 bytes"),
+            seal_nonce: nonce.try_into().expect("12 bytes"),
+        }
     }
 }
 
@@ -152,7 +150,7 @@ pub struct IjamFlow<S> {
     replay_ttl_ms: i64,
 }
 
-impl<S: Store> IjamFlow<S> {
+impl<S: IjamStore> IjamFlow<S> {
     pub fn new(keys: KeyRing, storage: StorageKey, store: Arc<S>, replay_ttl_ms: i64) -> Self {
         IjamFlow {
             keys: RwLock::new(Arc::new(keys)),
@@ -209,13 +207,13 @@ impl<S: Store> IjamFlow<S> {
             passphrase: self
                 .storage
                 .passphrase_hash(network, request.passphrase.expose()),
-            replay_key: self.storage.replay_key(request),
+            replay_key: self.storage.replay_key(&request.to_bytes()),
             replay_ttl_ms: self.replay_ttl_ms,
             requested_id: request.node_id,
             fresh_id: rand.fresh_id,
             sealed_key: self
                 .storage
-                .seal_node_key(&request.node_key)
+                .seal_node_key(&request.node_key, rand.seal_nonce)
                 .map_err(IjamError::Crypto)?,
             node_type: request.node_type.as_str(),
             arch: request.node_arch.as_str(),
@@ -235,18 +233,11 @@ impl<S: Store> IjamFlow<S> {
     /// A state request: node id in clear → its key → decrypt → one atomic transition.
     pub async fn change_state(
         &self,
-        frame: &[u8],
+        request: &StateRequest,
         peer_ip: &str,
         now_ms: i64,
     ) -> Result<(Uuid, StateCode), IjamError> {
-        use zerocopy::FromBytes;
-        let raw = RawStateRequest::ref_from_bytes(frame).map_err(|_| {
-            IjamError::Malformed(DecodeError::Length {
-                expected: STATE_REQUEST_LEN,
-                got: frame.len(),
-            })
-        })?;
-        let id = Uuid::from_bytes(raw.node_id);
+        let id = request.node_id;
         let node = self.store.node(id).await?.ok_or(IjamError::UnknownNode)?;
         if node.status == NodeStatus::Revoked {
             return Err(IjamError::Revoked);
@@ -255,8 +246,8 @@ impl<S: Store> IjamFlow<S> {
             .storage
             .open_node_key(&node.sealed_key)
             .map_err(IjamError::Crypto)?;
-        let mut block = raw.body;
-        crypto::aes_cbc_decrypt(&key, raw.iv, &mut block);
+        let mut block = request.body;
+        crypto::aes_cbc_decrypt(&key, request.iv, &mut block);
         let code = StateCode::parse_plaintext(&block)?;
         let target = match code {
             StateCode::Offline => NodeStatus::Offline,

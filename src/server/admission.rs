@@ -7,6 +7,8 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::flow::Refusal;
+
 /// Sources tracked before idle (full) buckets are swept out.
 const SWEEP_AT: usize = 65_536;
 
@@ -61,6 +63,29 @@ impl RateLimiter {
     /// Sources currently tracked (for tests and metrics).
     pub fn tracked(&self) -> usize {
         self.buckets.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// The per-source budget of one port (or of one kind of work): a token bucket per
+/// address, or nothing when the rate is 0.
+#[derive(Debug)]
+pub struct Admission {
+    limiter: Option<RateLimiter>,
+}
+
+impl Admission {
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Admission {
+            limiter: RateLimiter::new(rate, burst),
+        }
+    }
+
+    /// Spends one token of `source`'s budget, or refuses.
+    pub fn admit(&self, source: IpAddr, now: Instant) -> Result<(), Refusal> {
+        match &self.limiter {
+            Some(limiter) if !limiter.admit(source, now) => Err(Refusal::RateLimited),
+            _ => Ok(()),
+        }
     }
 }
 

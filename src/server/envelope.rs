@@ -1,5 +1,6 @@
 //! The envelope port (docs/design.md "The envelope", default 8447, TCP and UDP): frames
-//! from `codec::EnvelopeCodec`, dispatched by flow to `flow::core` and `flow::pubkey`.
+//! from `codec::EnvelopeCodec`, dispatched by flow number to the flows registered in
+//! [`EnvelopeFlows`], every one of them served by one path ([`EnvelopeServer::serve`]).
 //!
 //! - **TCP**: a connection pipelines: each frame is handled in its own task (at most
 //!   [`PIPELINE_DEPTH`] at once per connection; beyond that the connection is not
@@ -11,8 +12,9 @@
 //!   dropped.
 //!
 //! Admission as on the ijam ports: the per-source token bucket (`--rate-per-source`,
-//! `--burst`) in front of every pubkey request (429), the crypto pool for signature
-//! checks (full: 503 on TCP, dropped on UDP), the connection cap and idle timeout.
+//! `--burst`) in front of every request its flow says is worth limiting (429), the
+//! crypto pool for signature checks (full: 503 on TCP, dropped on UDP), the connection
+//! cap and idle timeout.
 
 use std::io;
 use std::net::SocketAddr;
@@ -29,17 +31,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::admission::RateLimiter;
+use super::admission::Admission;
+use super::listen::{BindError, accept_loop, bind_pair, serve_datagrams};
 use super::pool::CryptoPool;
-use super::{ServerConfig, bind_pair, metrics, now_ms};
+use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics};
 use crate::codec::{EnvelopeCodec, EnvelopeCodecError, EnvelopeFrame};
-use crate::crypto::{self, StorageKey, ecdsa::SigningKey};
+use crate::core::crypto::StorageKey;
+use crate::core::crypto::ecdsa::SigningKey;
+use crate::core::{clock, random};
 use crate::flow::core::CoreFlow;
-use crate::flow::pubkey::{PubkeyError, PubkeyFlow};
-use crate::store::Store;
+use crate::flow::pubkey::PubkeyFlow;
+use crate::flow::{Context, EnvelopeFlow, Failure, Refusal};
+use crate::store::Stores;
 use crate::wire::DecodeError;
 use crate::wire::envelope::{BadFrame, Flags, Flow, Header, Status};
-use crate::wire::pubkey::Request;
 
 /// Frames of one TCP connection handled at once; the next is read when one finishes.
 pub const PIPELINE_DEPTH: usize = 64;
@@ -50,8 +55,53 @@ pub const PIPELINE_DEPTH: usize = 64;
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 const LINGER_MAX_BYTES: usize = 64 * 1024;
 
-/// What the envelope port serves, for the core Hello.
-pub const FLOWS: [Flow; 2] = [Flow::CORE, Flow::PUBKEY];
+/// The flows of the envelope port: one line each (its field and type). The port
+/// serves them, Hello lists them, and an unknown flow number gets 400.
+macro_rules! envelope_flows {
+    ($($name:ident: $flow:ty),* $(,)?) => {
+        /// Every flow the envelope port serves.
+        pub struct EnvelopeFlows<S> {
+            $(pub $name: $flow,)*
+        }
+
+        impl<S: Stores> EnvelopeFlows<S> {
+            /// The flow numbers served, as the core Hello lists them.
+            pub fn served() -> Vec<Flow> {
+                vec![$(<$flow as EnvelopeFlow>::FLOW),*]
+            }
+
+            async fn dispatch(
+                &self,
+                server: &EnvelopeServer<S>,
+                frame: EnvelopeFrame,
+                peer: SocketAddr,
+                transport: Transport,
+            ) -> Option<EnvelopeFrame> {
+                $(
+                    if frame.header.flow == <$flow as EnvelopeFlow>::FLOW {
+                        return server.serve(&self.$name, frame, peer, transport).await;
+                    }
+                )*
+                server.unserved(&frame.header, peer, transport)
+            }
+        }
+    };
+}
+
+envelope_flows! {
+    core: CoreFlow,
+    pubkey: PubkeyFlow<S>,
+}
+
+impl<S: Stores> EnvelopeFlows<S> {
+    /// Every flow, over `store`, with the server's keys.
+    pub fn new(store: Arc<S>, storage: StorageKey, signing: &SigningKey, max_payload: u32) -> Self {
+        EnvelopeFlows {
+            core: CoreFlow::new(&Self::served(), max_payload, signing.public_key_der()),
+            pubkey: PubkeyFlow::new(storage, store),
+        }
+    }
+}
 
 /// The envelope's two sockets, on one port number, bound by the caller.
 pub struct EnvelopeSockets {
@@ -61,7 +111,7 @@ pub struct EnvelopeSockets {
 
 impl EnvelopeSockets {
     /// TCP and UDP on `port`; 0 picks one free port for both.
-    pub async fn bind(ip: std::net::IpAddr, port: u16) -> Result<Self, super::BindError> {
+    pub async fn bind(ip: std::net::IpAddr, port: u16) -> Result<Self, BindError> {
         let (tcp, udp) = bind_pair(ip, port, "envelope port", "--envelope-port").await?;
         Ok(EnvelopeSockets { tcp, udp })
     }
@@ -77,46 +127,27 @@ impl EnvelopeSockets {
 }
 
 pub struct EnvelopeServer<S> {
-    core: CoreFlow,
-    pubkey: Arc<PubkeyFlow<S>>,
+    flows: EnvelopeFlows<S>,
     pool: CryptoPool,
     config: ServerConfig,
     max_payload: u32,
-    limiter: Option<RateLimiter>,
+    admission: Admission,
     /// Cancelled at shutdown: stop reading; what was read is answered.
     shutdown: CancellationToken,
 }
 
-impl<S: Store> EnvelopeServer<S> {
-    /// The server `serve` runs: core Hello publishing `signing`'s public key, and the
-    /// pubkey flow over `store` with nonces keyed by `storage`.
-    pub fn build(
-        store: Arc<S>,
-        storage: StorageKey,
-        signing: &SigningKey,
-        pool: CryptoPool,
-        config: ServerConfig,
-        max_payload: u32,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
-        let core = CoreFlow::new(&FLOWS, max_payload, signing.public_key_der());
-        let pubkey = Arc::new(PubkeyFlow::new(storage, store));
-        Self::new(core, pubkey, pool, config, max_payload, shutdown)
-    }
-
+impl<S: Stores> EnvelopeServer<S> {
     pub fn new(
-        core: CoreFlow,
-        pubkey: Arc<PubkeyFlow<S>>,
+        flows: EnvelopeFlows<S>,
         pool: CryptoPool,
         config: ServerConfig,
         max_payload: u32,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(EnvelopeServer {
-            core,
-            pubkey,
+            flows,
             pool,
-            limiter: RateLimiter::new(config.rate_per_source, config.burst),
+            admission: Admission::new(config.rate_per_source, config.burst),
             config,
             max_payload,
             shutdown,
@@ -126,36 +157,19 @@ impl<S: Store> EnvelopeServer<S> {
     /// Serves until the shutdown token; tasks run on `tracker`, which the caller waits
     /// on.
     pub fn spawn(self: &Arc<Self>, sockets: EnvelopeSockets, tracker: &TaskTracker) {
-        tracker.spawn(Arc::clone(self).accept_loop(sockets.tcp, tracker.clone()));
+        let server = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            "envelope",
+            sockets.tcp,
+            self.config.connections.clone(),
+            self.shutdown.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let server = Arc::clone(&server);
+                async move { server.connection(stream, peer).await }
+            },
+        ));
         tracker.spawn(Arc::clone(self).udp_loop(sockets.udp, tracker.clone()));
-    }
-
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, tracker: TaskTracker) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            let (stream, peer) = match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    warn!(port = "envelope", error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let Some(permit) = self.config.connections.try_acquire() else {
-                debug!(%peer, max = self.config.connections.max(), "connection limit reached; closing");
-                metrics::connection_refused("envelope");
-                continue;
-            };
-            let server = Arc::clone(&self);
-            tracker.spawn(async move {
-                let _open = metrics::OpenConnection::new();
-                server.connection(stream, peer).await;
-                drop(permit);
-            });
-        }
     }
 
     /// One TCP connection: a reader that hands each frame to its own task, and one
@@ -218,14 +232,14 @@ impl<S: Store> EnvelopeServer<S> {
                     Ok(Some(Ok(frame))) => {
                         let (server, replies) = (Arc::clone(&self), replies.clone());
                         tasks.spawn(async move {
-                            if let Some(reply) = server.handle(frame, peer, "tcp").await {
+                            if let Some(reply) = server.handle(frame, peer, Transport::Tcp).await {
                                 let _ = replies.send(reply).await;
                             }
                             drop(slot);
                         });
                     }
                     Ok(Some(Err(EnvelopeCodecError::Frame(bad)))) => {
-                        if let Some(reply) = self.bad_frame(&bad, peer, "tcp") {
+                        if let Some(reply) = self.bad_frame(&bad, peer, Transport::Tcp) {
                             let _ = replies.send(reply).await;
                         }
                         metrics::connection_closed("envelope", "bad_frame");
@@ -262,7 +276,7 @@ impl<S: Store> EnvelopeServer<S> {
     async fn udp_loop(self: Arc<Self>, socket: UdpSocket, tracker: TaskTracker) {
         let codec = EnvelopeCodec::new(self.max_payload);
         let (max_in_flight, cancel) = (self.config.max_udp_in_flight, self.shutdown.clone());
-        super::serve_datagrams(
+        serve_datagrams(
             socket,
             max_in_flight,
             "envelope",
@@ -272,8 +286,8 @@ impl<S: Store> EnvelopeServer<S> {
                 let server = Arc::clone(&self);
                 async move {
                     let reply = match codec.decode_datagram(datagram) {
-                        Ok(frame) => server.handle(frame, peer, "udp").await,
-                        Err(bad) => server.bad_frame(&bad, peer, "udp"),
+                        Ok(frame) => server.handle(frame, peer, Transport::Udp).await,
+                        Err(bad) => server.bad_frame(&bad, peer, Transport::Udp),
                     };
                     reply.map(|reply| reply.to_vec())
                 }
@@ -287,9 +301,9 @@ impl<S: Store> EnvelopeServer<S> {
         &self,
         bad: &BadFrame,
         peer: SocketAddr,
-        transport: &'static str,
+        transport: Transport,
     ) -> Option<EnvelopeFrame> {
-        warn!(port = "envelope", transport, %peer, error = %bad.error, "not a frame");
+        warn!(port = "envelope", %transport, %peer, error = %bad.error, "not a frame");
         metrics::request("envelope", transport, "bad_frame", Default::default());
         bad.echo
             .map(|echo| EnvelopeFrame::new(echo.reply(Status::BAD_REQUEST), Bytes::new()))
@@ -301,100 +315,113 @@ impl<S: Store> EnvelopeServer<S> {
         &self,
         frame: EnvelopeFrame,
         peer: SocketAddr,
-        transport: &'static str,
+        transport: Transport,
     ) -> Option<EnvelopeFrame> {
         let h = frame.header;
         if let Err(why) = request_header(&h) {
-            info!(port = "envelope", transport, %peer, flow = h.flow.0, kind = h.kind.0, error = %why, "refused header");
+            info!(port = "envelope", %transport, %peer, flow = h.flow.0, kind = h.kind.0, error = %why, "refused header");
             metrics::request("envelope", transport, "bad_header", Default::default());
             return Some(reply(&h, Status::BAD_REQUEST, Bytes::new()));
         }
-        match h.flow {
-            Flow::CORE => {
-                let started = Instant::now();
-                let (status, payload, outcome) = match self.core.handle(h.kind, &frame.payload) {
-                    Ok((status, payload)) => (status, payload, "hello"),
-                    Err(e) => (e.status(), Bytes::new(), e.outcome()),
-                };
-                debug!(flow = "core", transport, %peer, kind = h.kind.0, outcome);
-                metrics::request("core", transport, outcome, started.elapsed());
-                Some(reply(&h, status, payload))
-            }
-            Flow::PUBKEY => {
-                self.pubkey_request(&h, &frame.payload, peer, transport)
-                    .await
-            }
-            other => {
-                info!(port = "envelope", transport, %peer, flow = other.0, "flow not served");
-                metrics::request("envelope", transport, "unknown_flow", Default::default());
-                Some(reply(&h, Status::BAD_REQUEST, Bytes::new()))
-            }
-        }
+        self.flows.dispatch(self, frame, peer, transport).await
     }
 
-    async fn pubkey_request(
+    /// A frame of a flow this port does not serve: 400.
+    fn unserved(
         &self,
         h: &Header,
-        payload: &[u8],
         peer: SocketAddr,
-        transport: &'static str,
+        transport: Transport,
     ) -> Option<EnvelopeFrame> {
-        const FLOW: &str = "pubkey";
+        info!(port = "envelope", %transport, %peer, flow = h.flow.0, "flow not served");
+        metrics::request("envelope", transport, "unknown_flow", Default::default());
+        Some(reply(h, Status::BAD_REQUEST, Bytes::new()))
+    }
+
+    /// The one serving path of every envelope flow: parse → admission → the flow's
+    /// work (its private-key work on the crypto pool) → reply, one log line, metrics.
+    async fn serve<F: EnvelopeFlow>(
+        &self,
+        flow: &F,
+        frame: EnvelopeFrame,
+        peer: SocketAddr,
+        transport: Transport,
+    ) -> Option<EnvelopeFrame> {
         let started = Instant::now();
-        let mut device = None;
-        let result = async {
-            if let Some(limiter) = &self.limiter
-                && !limiter.admit(peer.ip(), started)
-            {
-                return Err(PubkeyError::RateLimited);
-            }
-            let request = Request::parse(h.kind, payload)?;
-            device = Some(request.device_id());
-            let random = crypto::random().map_err(PubkeyError::Crypto)?;
-            let pool = self.pool.clone();
-            self.pubkey
-                .handle(request, now_ms(), random, |check| async move {
-                    let checked = pool.run(move || check.run()).await;
-                    metrics::crypto_queue_depth(pool.depth());
-                    checked.map_err(|_| PubkeyError::Overloaded)?
-                })
-                .await
-        }
-        .await;
-        let latency = started.elapsed();
-        let latency_us = latency.as_micros() as u64;
-        let device = device.map(|d| d.to_hex()).unwrap_or_default();
-        match result {
-            Ok(done) => {
-                info!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = done.outcome(), device, latency_us);
-                metrics::request(FLOW, transport, done.outcome(), latency);
-                Some(reply(h, done.status(), Bytes::from(done.payload())))
-            }
+        let h = frame.header;
+        let at = Arrival {
+            flow: F::NAME,
+            port: "envelope",
+            transport,
+            peer,
+        };
+        let request = match flow.parse(h.kind, &frame.payload) {
+            Ok(request) => request,
             Err(e) => {
-                match &e {
-                    PubkeyError::Store(_) | PubkeyError::Crypto(_) => {
-                        warn!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = e.outcome(), error = %e, device, latency_us)
-                    }
-                    // Summed once a second by metrics::report_refusals.
-                    PubkeyError::Overloaded | PubkeyError::RateLimited => {
-                        debug!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = e.outcome(), error = %e, device, latency_us)
-                    }
-                    _ => {
-                        info!(flow = FLOW, kind = h.kind.0, transport, %peer, outcome = e.outcome(), error = %e, device, latency_us)
-                    }
-                }
-                metrics::request(FLOW, transport, e.outcome(), latency);
-                match &e {
-                    PubkeyError::Overloaded => metrics::shed(FLOW, transport),
-                    PubkeyError::RateLimited => metrics::rate_limited(FLOW, transport),
-                    PubkeyError::Store(_) => metrics::store_error(FLOW),
-                    _ => {}
-                }
-                if matches!(e, PubkeyError::Overloaded) && transport == "udp" {
-                    return None;
-                }
-                Some(reply(h, e.status(), Bytes::new()))
+                let ending = Ending::Failed {
+                    outcome: "malformed",
+                    error: &e,
+                    fault: Fault::Peer,
+                };
+                finish(at, None, started.elapsed(), ending);
+                return Some(reply(&h, Status::BAD_REQUEST, Bytes::new()));
             }
+        };
+        let subject = F::subject(&request);
+        let subject = subject.as_deref();
+        let refused = |refusal: Refusal| {
+            finish(at, subject, started.elapsed(), Ending::Refused(refusal));
+            match refusal {
+                Refusal::Overloaded if transport == Transport::Udp => None,
+                Refusal::Overloaded => Some(reply(&h, Status::SERVICE_UNAVAILABLE, Bytes::new())),
+                Refusal::RateLimited => Some(reply(&h, Status::TOO_MANY_REQUESTS, Bytes::new())),
+            }
+        };
+        if flow.rate_limited(h.kind)
+            && let Err(refusal) = self.admission.admit(peer.ip(), started)
+        {
+            return refused(refusal);
+        }
+        let random = match random::bytes() {
+            Ok(random) => random,
+            Err(e) => {
+                let ending = Ending::Failed {
+                    outcome: "crypto_error",
+                    error: &e,
+                    fault: Fault::Server,
+                };
+                finish(at, subject, started.elapsed(), ending);
+                return Some(reply(&h, Status::SERVICE_UNAVAILABLE, Bytes::new()));
+            }
+        };
+        let ctx = Context {
+            now_ms: clock::now_ms(),
+            random,
+            offload: &self.pool,
+        };
+        match flow.handle(request, ctx).await {
+            Ok(done) => {
+                let ending = Ending::Served {
+                    outcome: done.outcome,
+                };
+                finish(at, subject, started.elapsed(), ending);
+                Some(reply(&h, done.status, done.payload))
+            }
+            Err(Failure::Flow(e)) => {
+                let class = F::classify(&e);
+                let ending = Ending::Failed {
+                    outcome: class.outcome,
+                    error: &e,
+                    fault: if class.store_failed {
+                        Fault::Store
+                    } else {
+                        Fault::Peer
+                    },
+                };
+                finish(at, subject, started.elapsed(), ending);
+                Some(reply(&h, class.status, Bytes::new()))
+            }
+            Err(Failure::Refused(refusal)) => refused(refusal),
         }
     }
 }

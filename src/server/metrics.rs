@@ -16,6 +16,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::Transport;
+
 pub const REQUESTS: &str = "registrar_requests_total";
 pub const LATENCY: &str = "registrar_request_duration_seconds";
 pub const SHED: &str = "registrar_shed_total";
@@ -28,25 +30,21 @@ pub const CRYPTO_QUEUE: &str = "registrar_crypto_queue_depth";
 pub const UDP_KERNEL_DROPS: &str = "registrar_udp_receive_buffer_drops";
 
 /// One finished request.
-pub fn request(
-    flow: &'static str,
-    transport: &'static str,
-    outcome: &'static str,
-    latency: Duration,
-) {
+pub fn request(flow: &'static str, transport: Transport, outcome: &'static str, latency: Duration) {
+    let transport = transport.as_str();
     counter!(REQUESTS, "flow" => flow, "transport" => transport, "outcome" => outcome).increment(1);
     histogram!(LATENCY, "flow" => flow, "transport" => transport).record(latency.as_secs_f64());
 }
 
 /// A request refused because the crypto queue was full or standing.
-pub fn shed(flow: &'static str, transport: &'static str) {
-    counter!(SHED, "flow" => flow, "transport" => transport).increment(1);
+pub fn shed(flow: &'static str, transport: Transport) {
+    counter!(SHED, "flow" => flow, "transport" => transport.as_str()).increment(1);
     SHED_SINCE_REPORT.fetch_add(1, Ordering::Relaxed);
 }
 
 /// A request refused by the per-source token bucket.
-pub fn rate_limited(flow: &'static str, transport: &'static str) {
-    counter!(RATE_LIMITED, "flow" => flow, "transport" => transport).increment(1);
+pub fn rate_limited(flow: &'static str, transport: Transport) {
+    counter!(RATE_LIMITED, "flow" => flow, "transport" => transport.as_str()).increment(1);
     RATE_LIMITED_SINCE_REPORT.fetch_add(1, Ordering::Relaxed);
 }
 

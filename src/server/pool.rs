@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::flow::{Offload, Refusal};
+
 /// A task's work: it returns what hands the result to the caller.
 type Task = Box<dyn FnOnce() -> Completion + Send>;
 type Completion = Box<dyn FnOnce() + Send>;
@@ -163,7 +165,7 @@ impl CryptoPool {
     }
 
     /// Runs `work` on the pool; `Overloaded` at once when the queue is full.
-    pub async fn run<T, F>(&self, work: F) -> Result<T, Overloaded>
+    pub async fn submit<T, F>(&self, work: F) -> Result<T, Overloaded>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
@@ -195,6 +197,19 @@ impl CryptoPool {
     }
 }
 
+/// The flows' private-key and signature work runs here; the queue depth is a metric.
+impl Offload for CryptoPool {
+    async fn run<T, W>(&self, work: W) -> Result<T, Refusal>
+    where
+        T: Send + 'static,
+        W: FnOnce() -> T + Send + 'static,
+    {
+        let done = self.submit(work).await;
+        super::metrics::crypto_queue_depth(self.depth());
+        done.map_err(|Overloaded| Refusal::Overloaded)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,14 +230,14 @@ mod tests {
     #[tokio::test]
     async fn runs_work_off_the_reactor_and_sheds_when_full() {
         let pool = CryptoPool::new(1, 1, None, 0).unwrap();
-        assert_eq!(pool.run(|| 6 * 7).await, Ok(42));
+        assert_eq!(pool.submit(|| 6 * 7).await, Ok(42));
 
         // Block the only worker, fill the one queue slot, and the next task is shed.
         let (release, blocked) = std::sync::mpsc::channel::<()>();
         let (started_tx, started) = oneshot::channel();
         let p = pool.clone();
         let first = tokio::spawn(async move {
-            p.run(move || {
+            p.submit(move || {
                 let _ = started_tx.send(());
                 blocked.recv().unwrap();
             })
@@ -230,7 +245,7 @@ mod tests {
         });
         started.await.unwrap();
         let p = pool.clone();
-        let queued = tokio::spawn(async move { p.run(|| 1).await });
+        let queued = tokio::spawn(async move { p.submit(|| 1).await });
         // Wait until the queued task is counted, without sleeping on a guess.
         tokio::time::timeout(Duration::from_secs(10), async {
             while pool.depth() < 2 {
@@ -239,7 +254,7 @@ mod tests {
         })
         .await
         .expect("the queued task is counted within 10 s");
-        assert_eq!(pool.run(|| 2).await, Err(Overloaded));
+        assert_eq!(pool.submit(|| 2).await, Err(Overloaded));
         release.send(()).unwrap();
         assert_eq!(first.await.unwrap(), Ok(()));
         assert_eq!(queued.await.unwrap(), Ok(1));
@@ -275,7 +290,8 @@ mod tests {
         // result must not wait for a next task to arrive (each run waits for the last).
         let pool = CryptoPool::new(2, 16, None, 0).unwrap();
         for i in 0..200 {
-            let answered = tokio::time::timeout(Duration::from_secs(10), pool.run(move || i)).await;
+            let answered =
+                tokio::time::timeout(Duration::from_secs(10), pool.submit(move || i)).await;
             assert_eq!(answered, Ok(Ok(i)), "task {i} was held back");
         }
     }
@@ -286,7 +302,7 @@ mod tests {
         let mut runs = tokio::task::JoinSet::new();
         for i in 0..200u64 {
             let pool = pool.clone();
-            runs.spawn(async move { (i, pool.run(move || i * i).await) });
+            runs.spawn(async move { (i, pool.submit(move || i * i).await) });
         }
         let mut answered = 0;
         while let Some(done) = runs.join_next().await {
@@ -301,6 +317,6 @@ mod tests {
     #[tokio::test]
     async fn a_pool_with_a_target_runs_work_that_is_on_time() {
         let pool = CryptoPool::new(1, 4, Some(Duration::from_millis(20)), 0).unwrap();
-        assert_eq!(pool.run(|| 5).await, Ok(5));
+        assert_eq!(pool.submit(|| 5).await, Ok(5));
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! Two levels, as smoltcp's `Packet`/`Repr`: the `Raw*` zerocopy structs accept any
 //! bytes; the checked messages (`RegisterRequest`, `StateCode`) validate every field
-//! once. AES and RSA live in `crate::crypto`: this module only lays out plaintexts.
+//! once. AES and RSA live in `crate::core::crypto`: this module only lays out plaintexts.
 
 use std::fmt;
 
@@ -25,6 +25,7 @@ use zerocopy::byteorder::little_endian::{U16, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::DecodeError;
+pub use crate::core::ids::NodeKey;
 
 /// The certificate request: the magic 0x8c124d3f as u32 little-endian.
 pub const CERT_MAGIC: u32 = 0x8c12_4d3f;
@@ -93,13 +94,38 @@ pub struct RawStateRequest {
 }
 const _: () = assert!(size_of::<RawStateRequest>() == STATE_REQUEST_LEN);
 
-/// A node's AES-256 key. Never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct NodeKey(pub [u8; 32]);
+/// A state request, split: the node id names the key the rest decrypts under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateRequest {
+    pub node_id: Uuid,
+    pub iv: [u8; 16],
+    /// One AES block: the status code, its checksum and padding, encrypted.
+    pub body: [u8; 16],
+}
 
-impl fmt::Debug for NodeKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("NodeKey(..)")
+impl StateRequest {
+    /// Exactly 48 bytes.
+    pub fn parse(frame: &[u8]) -> Result<Self, DecodeError> {
+        let raw = RawStateRequest::ref_from_bytes(frame).map_err(|_| DecodeError::Length {
+            expected: STATE_REQUEST_LEN,
+            got: frame.len(),
+        })?;
+        Ok(StateRequest {
+            node_id: Uuid::from_bytes(raw.node_id),
+            iv: raw.iv,
+            body: raw.body,
+        })
+    }
+
+    pub fn to_bytes(&self) -> [u8; STATE_REQUEST_LEN] {
+        let raw = RawStateRequest {
+            node_id: self.node_id.into_bytes(),
+            iv: self.iv,
+            body: self.body,
+        };
+        let mut out = [0u8; STATE_REQUEST_LEN];
+        out.copy_from_slice(raw.as_bytes());
+        out
     }
 }
 
@@ -399,6 +425,14 @@ pub fn register_reply(iv: [u8; 16], body: [u8; 32]) -> [u8; REGISTER_REPLY_LEN] 
     out.copy_from_slice(raw.as_bytes());
     out
 }
+
+/// The reason texts of error replies (schemas/ijam.md, "Error replies"): one per class,
+/// so a reply tells a peer nothing beyond its class.
+pub const REASON_REQUEST: &str = "request";
+pub const REASON_INVALID_PASSPHRASE: &str = "Invalid passphrase.";
+pub const REASON_UNAVAILABLE: &str = "Service unavailable.";
+pub const REASON_BUSY: &str = "Server busy.";
+pub const REASON_RATE_LIMITED: &str = "Too many requests.";
 
 /// `status u16 LE ‖ reason`: the upstream error reply (no NUL, no length prefix).
 pub fn error_reply(status: Status, reason: &str) -> Vec<u8> {

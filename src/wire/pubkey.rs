@@ -15,7 +15,7 @@
 //!
 //! The checks here are structural (lengths, an all-zero id, the fixed P-256 SPKI
 //! prefix); whether the point is on the curve and the signature verifies is
-//! `crate::crypto::ecdsa`'s business.
+//! `crate::core::crypto::ecdsa`'s business.
 
 use std::fmt;
 
@@ -24,6 +24,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::DecodeError;
 use super::envelope::{Kind, put_prefixed, take_prefixed};
+pub use crate::core::ids::DeviceId;
 
 pub const REGISTER: Kind = Kind(1);
 pub const CHALLENGE: Kind = Kind(2);
@@ -33,7 +34,7 @@ pub const ATTEST: Kind = Kind(3);
 pub const REGISTER_DOMAIN: &[u8] = b"registrar/pubkey/register/v1";
 pub const ATTEST_DOMAIN: &[u8] = b"registrar/pubkey/attest/v1";
 
-pub const DEVICE_ID_LEN: usize = 16;
+pub const DEVICE_ID_LEN: usize = DeviceId::LEN;
 pub const NONCE_LEN: usize = 32;
 pub const ATTEST_REPLY_LEN: usize = 8;
 
@@ -54,53 +55,6 @@ pub const P256_SPKI_LEN: usize = 91;
 /// bytes: at most 72 bytes in all.
 pub const MAX_SIGNATURE_LEN: usize = 72;
 
-/// A device id: 16 bytes, not all zero. Shown as 32 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeviceId(pub [u8; DEVICE_ID_LEN]);
-
-impl DeviceId {
-    pub fn new(bytes: [u8; DEVICE_ID_LEN]) -> Result<DeviceId, DecodeError> {
-        if bytes == [0; DEVICE_ID_LEN] {
-            return Err(DecodeError::Invalid { field: "device_id" });
-        }
-        Ok(DeviceId(bytes))
-    }
-
-    /// Parses 32 hex digits (either case).
-    pub fn from_hex(s: &str) -> Result<DeviceId, DecodeError> {
-        let mut bytes = [0u8; DEVICE_ID_LEN];
-        hex::decode_to_slice(s.trim(), &mut bytes).map_err(|_| DecodeError::Length {
-            expected: 2 * DEVICE_ID_LEN,
-            got: s.trim().len(),
-        })?;
-        DeviceId::new(bytes)
-    }
-
-    pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
-    }
-}
-
-impl fmt::Display for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_hex())
-    }
-}
-
-impl fmt::Debug for DeviceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "DeviceId({})", self.to_hex())
-    }
-}
-
-impl std::str::FromStr for DeviceId {
-    type Err = DecodeError;
-
-    fn from_str(s: &str) -> Result<Self, DecodeError> {
-        DeviceId::from_hex(s)
-    }
-}
-
 fn device_id(bytes: &[u8]) -> Result<(DeviceId, &[u8]), DecodeError> {
     let (id, rest) = bytes
         .split_first_chunk::<DEVICE_ID_LEN>()
@@ -108,7 +62,8 @@ fn device_id(bytes: &[u8]) -> Result<(DeviceId, &[u8]), DecodeError> {
             expected: DEVICE_ID_LEN,
             got: bytes.len(),
         })?;
-    Ok((DeviceId::new(*id)?, rest))
+    let id = DeviceId::new(*id).map_err(|_| DecodeError::Invalid { field: "device_id" })?;
+    Ok((id, rest))
 }
 
 fn no_trailing(payload: &[u8], rest: &[u8]) -> Result<(), DecodeError> {
@@ -515,15 +470,9 @@ mod tests {
             })
         );
         assert_eq!(
-            DeviceId::from_hex("00000000000000000000000000000000"),
+            ChallengeRequest::parse(&[0; 16]),
             Err(DecodeError::Invalid { field: "device_id" })
         );
-        assert_eq!(
-            DeviceId::from_hex("11111111111111111111111111111111"),
-            Ok(id())
-        );
-        assert_eq!(id().to_string(), "11111111111111111111111111111111");
-        assert!(DeviceId::from_hex("1111").is_err());
     }
 
     #[test]

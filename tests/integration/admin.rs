@@ -472,7 +472,7 @@ fn key_rotation_serves_the_new_key_while_the_old_one_still_decrypts_for_its_grac
     l.create_network("net", "alice");
     let old_cert = fetch_certificate(l.ports.cert);
     let old_pk = public_key(l.ports.cert);
-    let register = |pk: &registrar::crypto::RsaPublicKey, name: &str| {
+    let register = |pk: &registrar::core::crypto::RsaPublicKey, name: &str| {
         let p = l.add_passphrase("net", name);
         let key = random_key();
         let ct = pk

@@ -9,8 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::signature::{ECDSA_P384_SHA384_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use registrar::client::pubkey::{self, DeviceKey};
-use registrar::crypto::ecdsa::SigningKey;
-use registrar::datadir::DataDir;
+use registrar::core::crypto::ecdsa::SigningKey;
+use registrar::core::datadir::DataDir;
 use registrar::flow::pubkey::{NONCE_VALIDITY_MS, issue_nonce};
 use registrar::wire::core::{HELLO, HelloReply};
 use registrar::wire::envelope::{self, Flags, Flow, Header, Kind, Status};

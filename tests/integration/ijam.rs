@@ -4,7 +4,8 @@
 use crate::support::envelope_client::Device;
 use crate::support::ijam_client::*;
 use crate::support::listener::{Backend, Key, Listener, vector};
-use registrar::crypto::{self, RsaKey};
+use registrar::core::crypto::{self, RsaKey};
+use registrar::core::random;
 use registrar::flow::ijam::IjamError;
 use registrar::wire::envelope::Status;
 use registrar::wire::ijam::{self, NodeArch, NodeKey, NodeType, RegisterRequest, StateCode};
@@ -524,7 +525,7 @@ fn bad_input_gets_its_reply_and_changes_nothing(backend: &str) {
         );
     }
     // Random bytes of the right length, all-zero and all-ones blocks: 400, TCP and UDP.
-    for block in [crypto::random::<256>().unwrap(), [0; 256], [0xff; 256]] {
+    for block in [random::bytes::<256>().unwrap(), [0; 256], [0xff; 256]] {
         assert_eq!(tcp_exchange(l.ports.reg_tcp, &block), REPLY_400);
         assert_eq!(udp_exchange(l.ports.reg_udp, &block), REPLY_400);
     }

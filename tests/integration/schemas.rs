@@ -4,8 +4,9 @@
 use std::mem::{offset_of, size_of, size_of_val};
 
 use registrar::client::pubkey::{self as pubkey_client, DeviceKey};
-use registrar::flow::pubkey::{Done, NONCE_VALIDITY_MS, PubkeyError};
-use registrar::wire::DecodeError;
+use registrar::flow::EnvelopeFlow;
+use registrar::flow::pubkey::{Done, NONCE_VALIDITY_MS, PubkeyError, PubkeyFlow};
+use registrar::store::sqlite::SqliteStore;
 use registrar::wire::core::{HELLO, HelloReply};
 use registrar::wire::envelope::{self, Flow, RawHeader, Status};
 use registrar::wire::ijam::{
@@ -365,7 +366,6 @@ fn pubkey_messages_match_the_schema() {
     documented.sort();
     documented.dedup();
     let errors = [
-        PubkeyError::Malformed(DecodeError::Empty { field: "x" }),
         PubkeyError::InvalidKey,
         PubkeyError::RegisterSignature,
         PubkeyError::BoundToAnotherKey,
@@ -375,12 +375,19 @@ fn pubkey_messages_match_the_schema() {
         PubkeyError::NonceExpired,
         PubkeyError::NonceUsed,
         PubkeyError::AttestSignature,
-        PubkeyError::Overloaded,
-        PubkeyError::RateLimited,
+        PubkeyError::Store(registrar::store::StoreError::Corrupt("x".into())),
+    ];
+    // What the server answers for every flow: a malformed payload, a source over its
+    // budget, a full crypto queue.
+    let server = [
+        Status::BAD_REQUEST,
+        Status::TOO_MANY_REQUESTS,
+        Status::SERVICE_UNAVAILABLE,
     ];
     let mut produced: Vec<u16> = errors
         .iter()
-        .map(|e| e.status().0)
+        .map(|e| PubkeyFlow::<SqliteStore>::classify(e).status.0)
+        .chain(server.iter().map(|s| s.0))
         .chain(
             [
                 Done::Registered,

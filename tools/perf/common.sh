@@ -1,7 +1,7 @@
 # Shared by the perf scripts: a temp dir, cleanup of what they start, a private
 # redis-server and a listener on free ports. Source it from the repository root.
 
-bin=target/release
+bin=${BIN:-target/release}
 work=$(mktemp -d)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }

@@ -17,7 +17,8 @@
 # it below (16 at RSA-2048 on a core doing ~1,000 decryptions/s, 8 at RSA-4096; on a
 # core doing ~4,000/s, 64 and 16: fewer leave the cores partly idle, which the
 # machine-CPU line shows as a busy share under 100%).
-# Needs `cargo build --release` first. Traffic stays on 127.0.0.1.
+# Needs `cargo build --release` first (or BIN=dir holding both binaries, to compare
+# builds). Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

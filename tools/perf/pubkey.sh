@@ -5,7 +5,8 @@
 #   bound B: redis-benchmark running the same Lua script (register_device.lua /
 #            attest_device.lua) through EVALSHA against a private redis-server
 # then `registrar-node load pubkey` for register and attest over TCP and UDP against a
-# listener on that Redis. Needs `cargo build --release`. Traffic stays on 127.0.0.1.
+# listener on that Redis. Needs `cargo build --release` (or BIN=dir holding both
+# binaries, to compare builds). Traffic stays on 127.0.0.1.
 #
 #   [PIPELINE=8] tools/perf/pubkey.sh [COUNT]
 #
@@ -21,15 +22,15 @@ echo "bound A: openssl speed ecdsap256: $verify verify/s per core × $(nproc) co
 
 start_redis
 port=$redis_port
-reg_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/register_device.lua)")
-att_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/attest_device.lua)")
+reg_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/scripts/pubkey/register_device.lua)")
+att_sha=$(redis-cli -p "$port" script load "$(cat src/store/redis/scripts/pubkey/attest_device.lua)")
 spki=$(printf '%0182x' 7)
 # Register: a fresh device id per call (__rand_int__ over a large keyspace).
 redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
-    EVALSHA "$reg_sha" 2 "rg:{dev:__rand_int__}" rg:devices __rand_int__ "$spki" 1795343905194 \
+    EVALSHA "$reg_sha" 1 "rg:{dev:__rand_int__}" "$spki" 1795343905194 \
     | tr '\r' '\n' | tail -1 | sed -E 's/.*: ([0-9.]+ requests per second).*/bound B (register_device.lua): \1/' 
 # Attest: one registered device, a fresh nonce key per call.
-redis-cli -p "$port" evalsha "$reg_sha" 2 "rg:{dev:bench}" rg:devices bench "$spki" 1 >/dev/null
+redis-cli -p "$port" evalsha "$reg_sha" 1 "rg:{dev:bench}" "$spki" 1 >/dev/null
 redis-benchmark -p "$port" -n 200000 -c 32 -r 100000000 -q \
     EVALSHA "$att_sha" 2 "rg:{dev:bench}" "rg:{dev:bench}:nonce:__rand_int__" 1795343905194 120000 \
     | tr '\r' '\n' | tail -1 | sed -E 's/.*: ([0-9.]+ requests per second).*/bound B (attest_device.lua): \1/' 

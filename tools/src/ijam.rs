@@ -2,12 +2,13 @@
 //! frames, AES and RSA come from the `registrar` library; this module only moves
 //! bytes and classifies what goes wrong (see `exit.rs`).
 
+use registrar::core::random;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use registrar::crypto::{self, RsaPublicKey};
+use registrar::core::crypto::RsaPublicKey;
 use registrar::wire::ijam::{self, CERT_REPLY_MIN_LEN, CERT_REQUEST, NodeKey, StateCode, Status};
 use uuid::Uuid;
 
@@ -372,7 +373,7 @@ pub fn decode_register_reply(reply: &[u8], key: &NodeKey) -> Result<Uuid> {
 
 /// `node_id ‖ IV ‖ AES-256-CBC(node_key, IV, code)`, 48 bytes, with a fresh IV.
 pub fn state_frame(node_id: Uuid, key: &NodeKey, code: StateCode) -> Result<Vec<u8>> {
-    let iv: [u8; 16] = crypto::random()?;
+    let iv: [u8; 16] = random::bytes()?;
     Ok(registrar::client::seal_state_request(node_id, key, iv, code).to_vec())
 }
 

@@ -8,6 +8,7 @@
 //! request was due (open loop with `--rate`), so a stalled server shows up in the tail
 //! instead of silently slowing the offered load.
 
+use registrar::core::random;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,12 +20,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use registrar::crypto::{self, RsaKey, RsaPublicKey, passphrase};
-use registrar::datadir::DataDir;
+use registrar::core::clock;
+use registrar::core::crypto::{RsaKey, RsaPublicKey, passphrase};
+use registrar::core::datadir::DataDir;
 use registrar::flow::ijam::{
     REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_RATE_LIMITED, REASON_REQUEST, REASON_UNAVAILABLE,
 };
-use registrar::store::{AnyStore, Creation, NewPassphrase, Store};
+use registrar::store::ijam::{IjamStore, NewPassphrase};
+use registrar::store::{Creation, Stores};
 use registrar::wire::ijam::{NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -412,7 +415,16 @@ async fn fetch_public_key(host: &str, port: u16) -> Result<RsaPublicKey> {
 /// Removes the network `mint` made, with the nodes the run registered.
 async fn delete_network(args: &LoadIjamArgs, network: &str) -> Result<()> {
     let data = DataDir::existing(&args.data_dir)?;
-    let store = AnyStore::open(&args.store, &data.sqlite_path(), Creation::Never).await?;
+    registrar::with_store!(
+        &args.store,
+        &data.sqlite_path(),
+        Creation::Never,
+        delete_network_on,
+        network
+    )
+}
+
+async fn delete_network_on<S: IjamStore>(store: S, network: &str) -> Result<()> {
     store
         .delete_network(network)
         .await
@@ -423,11 +435,25 @@ async fn delete_network(args: &LoadIjamArgs, network: &str) -> Result<()> {
 /// A fresh network and `count` passphrases, minted through the store.
 async fn mint(args: &LoadIjamArgs, count: usize) -> Result<(String, Vec<String>)> {
     let data = DataDir::existing(&args.data_dir)?;
-    let store = AnyStore::open(&args.store, &data.sqlite_path(), Creation::Never).await?;
+    registrar::with_store!(
+        &args.store,
+        &data.sqlite_path(),
+        Creation::Never,
+        mint_on,
+        &data,
+        count
+    )
+}
+
+async fn mint_on<S: Stores>(
+    store: S,
+    data: &DataDir,
+    count: usize,
+) -> Result<(String, Vec<String>)> {
     let storage = data.storage_key()?;
-    let suffix: [u8; 4] = crypto::random()?;
+    let suffix: [u8; 4] = random::bytes()?;
     let network = format!("load-{}", hex::encode(suffix));
-    let now = registrar::server::now_ms();
+    let now = clock::now_ms();
     store
         .create_network(&network, "load", "load test", now)
         .await?;
@@ -439,11 +465,11 @@ async fn mint(args: &LoadIjamArgs, count: usize) -> Result<(String, Vec<String>)
         for i in chunk_start..chunk_start + n {
             let p = passphrase::generate()?;
             batch.push(NewPassphrase {
-                hash: storage.passphrase_hash(&network, p.expose()),
+                hash: storage.passphrase_hash(&network, &p),
                 node_name: format!("load-{}", i + 1),
                 expires_ms: None,
             });
-            all.push(p.expose().to_owned());
+            all.push(p);
         }
         store.add_passphrases(&network, batch, now).await?;
     }
@@ -463,7 +489,7 @@ fn encrypt_all(key: &RsaPublicKey, network: &str, passphrases: &[String]) -> Res
                 scope.spawn(move || -> Result<Vec<Prepared>> {
                     part.iter()
                         .map(|p| {
-                            let node_key = NodeKey(crypto::random()?);
+                            let node_key = NodeKey(random::bytes()?);
                             let request = RegisterRequest {
                                 node_id: None,
                                 network_id: network.clone(),

@@ -5,6 +5,7 @@
 //! connection before the window; in it each connection loops Challenge → Attest, which
 //! signs the server's nonce in the window (a device cannot sign it earlier).
 
+use registrar::core::random;
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use registrar::client::pubkey::{self, DeviceKey};
-use registrar::crypto;
 use registrar::wire::envelope::{DEFAULT_MAX_PAYLOAD, HEADER_LEN, TRAILER_LEN};
 use registrar::wire::pubkey::{DeviceId, parse_challenge_reply};
 use serde_json::json;
@@ -142,7 +142,7 @@ impl Conn {
 }
 
 fn device() -> Result<(DeviceId, DeviceKey)> {
-    let id = DeviceId::new(crypto::random()?).map_err(|e| anyhow!("device id: {e}"))?;
+    let id = DeviceId::new(random::bytes()?).map_err(|e| anyhow!("device id: {e}"))?;
     Ok((id, DeviceKey::generate()?))
 }
 

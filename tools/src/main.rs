@@ -9,6 +9,7 @@ mod load_pubkey;
 mod node_file;
 mod pubkey;
 
+use registrar::core::random;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +17,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
-use registrar::crypto;
 use registrar::wire::ijam::{
     NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest, StateCode, Status,
     parse_reply_status,
@@ -275,7 +275,7 @@ fn register(args: &RegisterArgs) -> Result<Output> {
     })?;
     let state_file = &args.server.state_file;
     let previous = node_file::load(state_file)?;
-    let node_key = NodeKey(crypto::random().context("no randomness for the node key")?);
+    let node_key = NodeKey(random::bytes().context("no randomness for the node key")?);
     let request = RegisterRequest {
         node_id: previous
             .as_ref()

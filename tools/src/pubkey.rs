@@ -5,6 +5,7 @@
 //! `register`. Frames come from `registrar::client::pubkey`; this module moves them
 //! over TCP or UDP and turns statuses into exit codes (`exit.rs`).
 
+use registrar::core::random;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, ToSocketAddrs, UdpSocket};
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use registrar::client::pubkey::{self as client, DeviceKey};
-use registrar::crypto;
 use registrar::wire::envelope::{self, Flow, Header, Kind as FrameKind, Status};
 use registrar::wire::pubkey::{self as wire, DeviceId};
 use serde_json::json;
@@ -178,7 +178,7 @@ fn identity(args: &PubkeyArgs, create: bool) -> Result<(DeviceKey, DeviceId)> {
 
 fn random_id() -> Result<DeviceId> {
     loop {
-        let bytes: [u8; 16] = crypto::random().context("no randomness for the device id")?;
+        let bytes: [u8; 16] = random::bytes().context("no randomness for the device id")?;
         if let Ok(id) = DeviceId::new(bytes) {
             return Ok(id);
         }
@@ -187,7 +187,7 @@ fn random_id() -> Result<DeviceId> {
 
 fn request_id() -> Result<u32> {
     Ok(u32::from_be_bytes(
-        crypto::random().context("no randomness for the request id")?,
+        random::bytes().context("no randomness for the request id")?,
     ))
 }
 

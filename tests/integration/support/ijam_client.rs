@@ -1,11 +1,12 @@
 //! A minimal ijam client over blocking std sockets, decoding replies the way the
 //! upstream C client does.
 
+use registrar::core::random;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use registrar::crypto::{self, RsaPublicKey};
+use registrar::core::crypto::RsaPublicKey;
 use registrar::wire::ijam::{
     CERT_REQUEST, NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest, StateCode,
 };
@@ -50,7 +51,7 @@ pub fn request(
 }
 
 pub fn random_key() -> [u8; 32] {
-    crypto::random().unwrap()
+    random::bytes().unwrap()
 }
 
 /// One request on a fresh connection: write, half-close, read the reply to EOF (a
@@ -109,6 +110,6 @@ pub fn state_frame(node_id: Uuid, key: &[u8; 32], code: StateCode) -> Vec<u8> {
 }
 
 pub fn state_frame_from_block(node_id: Uuid, key: &[u8; 32], block: [u8; 16]) -> Vec<u8> {
-    let iv: [u8; 16] = crypto::random().unwrap();
+    let iv: [u8; 16] = random::bytes().unwrap();
     registrar::client::seal_state_block(node_id, &NodeKey(*key), iv, block).to_vec()
 }

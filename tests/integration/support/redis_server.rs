@@ -19,8 +19,19 @@ pub struct PrivateRedis {
     child: Child,
     port: u16,
     dir: TempDir,
+    mode: Mode,
+}
+
+/// How a private server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No persistence.
+    Plain,
     /// AOF with `appendfsync always`: a restart finds every acknowledged write.
-    durable: bool,
+    Durable,
+    /// `cluster-enabled yes`, one node owning every slot: a script that touches keys
+    /// of two slots is refused, as on a real cluster.
+    ClusterNode,
 }
 
 impl PrivateRedis {
@@ -28,21 +39,42 @@ impl PrivateRedis {
     /// `redis-server` is not installed. Under CI (`CI` set) a missing server panics,
     /// so the Redis half of the suite cannot silently vanish.
     pub fn start() -> Option<PrivateRedis> {
-        Self::start_with(false)
+        Self::start_with(Mode::Plain)
+    }
+
+    /// Like [`PrivateRedis::start`], in cluster mode: one node owning all 16,384
+    /// slots, ready (`cluster_state:ok`) when this returns.
+    pub fn start_cluster_node() -> Option<PrivateRedis> {
+        let server = Self::start_with(Mode::ClusterNode)?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, server.port));
+        let added = command(addr, &["CLUSTER", "ADDSLOTSRANGE", "0", "16383"]);
+        assert_eq!(added.as_deref(), Some("+OK"), "CLUSTER ADDSLOTSRANGE");
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            let info = command(addr, &["CLUSTER", "INFO"]).unwrap_or_default();
+            if info.contains("cluster_state:ok") {
+                return Some(server);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster node never reached cluster_state:ok: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Like [`PrivateRedis::start`], with an append-only file fsynced on every write,
     /// so [`PrivateRedis::kill`] + [`PrivateRedis::resume`] is a crash and a recovery.
     pub fn start_durable() -> Option<PrivateRedis> {
-        Self::start_with(true)
+        Self::start_with(Mode::Durable)
     }
 
-    fn start_with(durable: bool) -> Option<PrivateRedis> {
+    fn start_with(mode: Mode) -> Option<PrivateRedis> {
         let dir = tempfile::tempdir().expect("temp dir for redis-server");
         let mut failures = Vec::new();
         for _ in 0..PORT_ATTEMPTS {
             let port = free_port();
-            let mut child = match spawn(port, &dir, durable) {
+            let mut child = match spawn(port, &dir, mode) {
                 Ok(child) => child,
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     if under_ci() {
@@ -59,7 +91,7 @@ impl PrivateRedis {
                         child,
                         port,
                         dir,
-                        durable,
+                        mode,
                     });
                 }
                 Err(why) => {
@@ -112,8 +144,7 @@ impl PrivateRedis {
     pub fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        self.child =
-            spawn(self.port, &self.dir, self.durable).expect("redis-server ran a moment ago");
+        self.child = spawn(self.port, &self.dir, self.mode).expect("redis-server ran a moment ago");
         if let Err(why) = wait_ready(&mut self.child, self.port) {
             panic!(
                 "redis-server did not restart on port {}: {why}{}",
@@ -171,11 +202,18 @@ fn wait_ready(child: &mut Child, port: u16) -> Result<(), String> {
     }
 }
 
-fn spawn(port: u16, dir: &TempDir, durable: bool) -> std::io::Result<Child> {
-    let persistence: &[&str] = if durable {
-        &["--appendonly", "yes", "--appendfsync", "always"]
-    } else {
-        &["--appendonly", "no"]
+fn spawn(port: u16, dir: &TempDir, mode: Mode) -> std::io::Result<Child> {
+    let persistence: &[&str] = match mode {
+        Mode::Durable => &["--appendonly", "yes", "--appendfsync", "always"],
+        Mode::Plain => &["--appendonly", "no"],
+        Mode::ClusterNode => &[
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+        ],
     };
     Command::new("redis-server")
         .arg("--port")
@@ -228,6 +266,37 @@ fn server_pid(addr: SocketAddr) -> Option<u32> {
                 .lines()
                 .find_map(|l| l.strip_prefix("process_id:"))
                 .and_then(|pid| pid.trim().parse().ok());
+        }
+    }
+}
+
+/// Sends one command (RESP array of bulk strings); returns the reply's text (a status
+/// line, or a bulk string's body), `None` when nothing answers.
+pub fn command(addr: SocketAddr, args: &[&str]) -> Option<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&reply).into_owned();
+        if let Some(bulk) = text.strip_prefix('$') {
+            let (len, body) = bulk.split_once("\r\n")?;
+            let len: usize = len.parse().ok()?;
+            if body.len() >= len {
+                return Some(body[..len].to_owned());
+            }
+        } else if let Some(line) = text.strip_suffix("\r\n") {
+            return Some(line.to_owned());
         }
     }
 }

@@ -1,0 +1,447 @@
+//! The ijam flow's admin commands: networks, passphrases, nodes, the RSA key.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use registrar::core::clock::now_ms;
+use registrar::core::crypto::passphrase;
+use registrar::core::datadir::DataDir;
+use registrar::store::ijam::{IjamStore, NewPassphrase, Node};
+use registrar::wire::ijam::{NetworkId, Passphrase};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::output::{natural_order, print_table, time};
+use super::{ADMIN, Common, existing_data_dir, on_store};
+
+#[derive(Subcommand, Debug)]
+pub enum NetworkCommand {
+    /// Create a network; its nodes will be owned by USER.
+    Create {
+        /// Network id as nodes send it: 1–16 printable ASCII characters, no spaces.
+        network: String,
+        /// The owner of every node registered in this network.
+        #[arg(long)]
+        owner: String,
+        /// A human-readable name (defaults to the id).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List networks with their pending passphrases and node counts.
+    List,
+    /// Show one network.
+    Show { network: String },
+    /// Delete a network with its pending passphrases and every node registered in it.
+    Delete {
+        network: String,
+        /// Required: the nodes go too, and cannot be brought back.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PassphraseCommand {
+    /// Mint one-time passphrases and print them on stdout, one per line.
+    ///
+    /// Generated passphrases are 16 letters and digits whose last two are a check
+    /// value the listener verifies before any lookup. A typed one (--passphrase) may be
+    /// 1–16 letters or digits; a typed 16-character one must carry a valid check value.
+    Add {
+        network: String,
+        /// Name of the node that will register with it (with --count: NAME-1 … NAME-N).
+        #[arg(long)]
+        node_name: String,
+        /// Use this passphrase instead of generating one.
+        #[arg(long, conflicts_with = "count")]
+        passphrase: Option<String>,
+        /// Unused passphrases stop working after this long (e.g. 7d, 12h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+        /// Mint N passphrases at once, for nodes NAME-1 … NAME-N.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: Option<u32>,
+    },
+    /// List pending passphrases: node names and expiry, never the secrets.
+    List { network: String },
+    /// Revoke the pending passphrase of a node.
+    Revoke {
+        network: String,
+        #[arg(long)]
+        node_name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Make a new RSA key; the old one keeps decrypting for --grace.
+    ///
+    /// The certificate port serves the new public key within a second (running
+    /// listeners watch the data dir), while registrations encrypted to the old key are
+    /// still accepted until the grace period ends, so a fleet mid-registration is not
+    /// cut off. The new key has the current key's size.
+    Rotate {
+        /// How long the previous key still decrypts.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+    },
+    /// Show the current key (size, SHA-256 of its public key) and the previous one.
+    Show,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List registered nodes.
+    List {
+        /// Only the nodes of this network.
+        #[arg(long)]
+        network: Option<String>,
+    },
+    /// Show one node.
+    Show { id: Uuid },
+    /// Revoke a node: its state requests are refused from now on, and a registration
+    /// naming its id gets a fresh one.
+    Revoke { id: Uuid },
+}
+
+/// A freshly generated passphrase.
+fn generated() -> Result<Passphrase> {
+    let text = passphrase::generate()?;
+    Ok(Passphrase::new(&text).expect("generated passphrases are valid"))
+}
+
+fn network_id(s: &str) -> Result<NetworkId> {
+    NetworkId::new(s).map_err(|e| {
+        anyhow!("invalid network id {s:?} ({e}): use 1–16 printable ASCII characters, no spaces")
+    })
+}
+
+pub async fn network(common: &Common, cmd: NetworkCommand) -> Result<()> {
+    let data = existing_data_dir(common)?;
+    on_store!(common, data, ADMIN, network_on, common, cmd)
+}
+
+async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand) -> Result<()> {
+    match cmd {
+        NetworkCommand::Create {
+            network,
+            owner,
+            name,
+        } => {
+            let id = network_id(&network)?;
+            if owner.trim().is_empty() {
+                bail!("--owner must not be empty");
+            }
+            let name = name.unwrap_or_else(|| id.to_string());
+            let net = store
+                .create_network(id.as_str(), &owner, &name, now_ms())
+                .await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&net)?);
+            } else {
+                println!(
+                    "created network {} (owner {}, name {:?})",
+                    net.id, net.owner, net.name
+                );
+            }
+        }
+        NetworkCommand::List => {
+            let nets = store.networks().await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&nets)?);
+            } else {
+                let rows: Vec<Vec<String>> = nets
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.id.clone(),
+                            n.owner.clone(),
+                            n.name.clone(),
+                            n.pending_passphrases.to_string(),
+                            n.nodes.to_string(),
+                            time(n.created_ms),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &["NETWORK", "OWNER", "NAME", "PENDING", "NODES", "CREATED"],
+                    &rows,
+                );
+            }
+        }
+        NetworkCommand::Delete { network, yes } => {
+            if !yes {
+                bail!(
+                    "deleting network {network:?} deletes its pending passphrases and every \
+                     node registered in it: run again with --yes"
+                );
+            }
+            let nodes = store.delete_network(&network).await?;
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"network": network, "deleted": true, "nodes": nodes})
+                );
+            } else {
+                println!("deleted network {network} and its {nodes} nodes");
+            }
+        }
+        NetworkCommand::Show { network } => {
+            let net = store
+                .network(&network)
+                .await?
+                .ok_or_else(|| anyhow!("network {network:?} does not exist"))?;
+            if common.json {
+                println!("{}", serde_json::to_string(&net)?);
+            } else {
+                println!("network:             {}", net.id);
+                println!("owner:               {}", net.owner);
+                println!("name:                {}", net.name);
+                println!("created:             {}", time(net.created_ms));
+                println!("pending passphrases: {}", net.pending_passphrases);
+                println!("nodes:               {}", net.nodes);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn passphrase(common: &Common, cmd: PassphraseCommand) -> Result<()> {
+    let data = existing_data_dir(common)?;
+    on_store!(common, data, ADMIN, passphrase_on, common, &data, cmd)
+}
+
+async fn passphrase_on<S: IjamStore>(
+    store: S,
+    common: &Common,
+    data: &DataDir,
+    cmd: PassphraseCommand,
+) -> Result<()> {
+    match cmd {
+        PassphraseCommand::Add {
+            network,
+            node_name,
+            passphrase: typed,
+            expires_in,
+            count,
+        } => {
+            let id = network_id(&network)?;
+            if node_name.trim().is_empty() {
+                bail!("--node-name must not be empty");
+            }
+            let now = now_ms();
+            let expires_ms = expires_in.map(|d| now + d.as_millis() as i64);
+            let minted: Vec<(String, Passphrase)> = match (typed, count) {
+                (Some(p), _) => {
+                    let p = Passphrase::new(&p).map_err(|e| {
+                        anyhow!("invalid passphrase ({e}): use 1–16 ASCII letters or digits")
+                    })?;
+                    if !passphrase::check_value_ok(p.expose()) {
+                        bail!(
+                            "a 16-character passphrase must end in a valid check value; \
+                             type at most 15 characters, or omit --passphrase to generate one"
+                        );
+                    }
+                    vec![(node_name, p)]
+                }
+                (None, None) => vec![(node_name, generated()?)],
+                (None, Some(n)) => (1..=n)
+                    .map(|i| Ok((format!("{node_name}-{i}"), generated()?)))
+                    .collect::<Result<_>>()?,
+            };
+            let storage = data.storage_key()?;
+            let batch = minted
+                .iter()
+                .map(|(name, p)| NewPassphrase {
+                    hash: storage.passphrase_hash(id.as_str(), p.expose()),
+                    node_name: name.clone(),
+                    expires_ms,
+                })
+                .collect();
+            store.add_passphrases(id.as_str(), batch, now).await?;
+            if common.json {
+                let items: Vec<_> = minted
+                    .iter()
+                    .map(|(name, p)| {
+                        json!({"network": id.as_str(), "node_name": name, "passphrase": p.expose(), "expires_ms": expires_ms})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string(&items)?);
+            } else {
+                for (_, p) in &minted {
+                    println!("{}", p.expose());
+                }
+            }
+        }
+        PassphraseCommand::List { network } => {
+            let mut pending = store.passphrases(&network).await?;
+            pending.sort_by(|a, b| natural_order(&a.node_name, &b.node_name));
+            if common.json {
+                println!("{}", serde_json::to_string(&pending)?);
+            } else {
+                let now = now_ms();
+                let rows: Vec<Vec<String>> = pending
+                    .iter()
+                    .map(|p| {
+                        let expiry = match p.expires_ms {
+                            None => "never".to_string(),
+                            Some(ms) if ms <= now => format!("{} (expired)", time(ms)),
+                            Some(ms) => time(ms),
+                        };
+                        vec![p.node_name.clone(), time(p.created_ms), expiry]
+                    })
+                    .collect();
+                print_table(&["NODE NAME", "CREATED", "EXPIRES"], &rows);
+            }
+        }
+        PassphraseCommand::Revoke { network, node_name } => {
+            store.revoke_passphrase(&network, &node_name).await?;
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"network": network, "node_name": node_name, "revoked": true})
+                );
+            } else {
+                println!(
+                    "revoked the pending passphrase of node {node_name:?} in network {network}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn node_json(n: &Node) -> serde_json::Value {
+    serde_json::to_value(n).expect("nodes serialise")
+}
+
+pub async fn node(common: &Common, cmd: NodeCommand) -> Result<()> {
+    let data = existing_data_dir(common)?;
+    on_store!(common, data, ADMIN, node_on, common, cmd)
+}
+
+async fn node_on<S: IjamStore>(store: S, common: &Common, cmd: NodeCommand) -> Result<()> {
+    match cmd {
+        NodeCommand::List { network } => {
+            let nodes = store.nodes(network.as_deref()).await?;
+            if common.json {
+                let items: Vec<_> = nodes.iter().map(node_json).collect();
+                println!("{}", serde_json::to_string(&items)?);
+            } else {
+                let rows: Vec<Vec<String>> = nodes
+                    .iter()
+                    .map(|n| {
+                        vec![
+                            n.id.to_string(),
+                            n.network.clone(),
+                            n.name.clone(),
+                            n.node_type.clone(),
+                            n.arch.clone(),
+                            n.status.as_str().to_string(),
+                            time(n.registered_ms),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "NODE",
+                        "NETWORK",
+                        "NAME",
+                        "TYPE",
+                        "ARCH",
+                        "STATUS",
+                        "REGISTERED",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        NodeCommand::Show { id } => {
+            let n = store
+                .node(id)
+                .await?
+                .with_context(|| format!("node {id} does not exist"))?;
+            if common.json {
+                println!("{}", node_json(&n));
+            } else {
+                println!("node:        {}", n.id);
+                println!("network:     {}", n.network);
+                println!("owner:       {}", n.owner);
+                println!("name:        {}", n.name);
+                println!("type:        {}", n.node_type);
+                println!("arch:        {}", n.arch);
+                println!("status:      {}", n.status.as_str());
+                println!("ip:          {}", if n.ip.is_empty() { "-" } else { &n.ip });
+                println!("created:     {}", time(n.created_ms));
+                println!("registered:  {}", time(n.registered_ms));
+                println!("last online: {}", time(n.online_ms));
+            }
+        }
+        NodeCommand::Revoke { id } => {
+            store.revoke_node(id).await?;
+            if common.json {
+                println!("{}", json!({"node": id, "revoked": true}));
+            } else {
+                println!("revoked node {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fingerprint(key: &registrar::core::crypto::RsaKey) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, key.public_pem().as_bytes());
+    hex::encode(&digest.as_ref()[..16])
+}
+
+pub fn key(common: &Common, cmd: KeyCommand) -> Result<()> {
+    let data = existing_data_dir(common)?;
+    let now = now_ms();
+    match cmd {
+        KeyCommand::Rotate { grace } => {
+            let rotation = data.rotate_rsa_key(None, grace.as_millis() as i64, now)?;
+            let (keys, _) = data.rsa_keyring(rotation.bits, now)?;
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"bits": rotation.bits, "fingerprint": fingerprint(keys.current()), "previous_until_ms": rotation.previous_until_ms})
+                );
+            } else {
+                println!(
+                    "new RSA-{} key {} in force; the previous key decrypts until {}",
+                    rotation.bits,
+                    fingerprint(keys.current()),
+                    time(rotation.previous_until_ms)
+                );
+            }
+        }
+        KeyCommand::Show => {
+            if !data.rsa_key_path().exists() {
+                bail!(
+                    "no RSA key in {}: start `registrar serve` once first",
+                    data.path().display()
+                );
+            }
+            let (keys, _) = data.rsa_keyring(2048, now)?;
+            let until = keys.previous_until();
+            if common.json {
+                println!(
+                    "{}",
+                    json!({"bits": keys.current().bits(), "fingerprint": fingerprint(keys.current()), "previous_until_ms": until})
+                );
+            } else {
+                println!(
+                    "current:  RSA-{} {}",
+                    keys.current().bits(),
+                    fingerprint(keys.current())
+                );
+                match until {
+                    Some(until) => println!("previous: decrypts until {}", time(until)),
+                    None => println!("previous: none in force"),
+                }
+            }
+        }
+    }
+    Ok(())
+}

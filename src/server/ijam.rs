@@ -1,0 +1,436 @@
+//! The ijam ports (schemas/ijam.md): certificate (TCP), registration and state (TCP
+//! and UDP). Raw fixed-size frames, not the envelope; admission, the log line and the
+//! metrics are the server's shared ones.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::admission::Admission;
+use super::listen::{BindError, accept_loop, bind_pair, listen, serve_datagrams};
+use super::pool::CryptoPool;
+use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics};
+use crate::codec::FixedFrameCodec;
+use crate::core::{clock, random};
+use crate::flow::ijam::{IjamError, IjamFlow, RegisterRandomness};
+use crate::flow::{Offload, Refusal};
+use crate::store::ijam::IjamStore;
+use crate::wire::ijam::{
+    self, CERT_REQUEST, REASON_BUSY, REASON_RATE_LIMITED, STATE_REQUEST_LEN, StateRequest,
+};
+
+/// The five sockets of the ijam flow, bound by the caller (tests bind port 0).
+pub struct IjamSockets {
+    pub cert: TcpListener,
+    pub reg_tcp: TcpListener,
+    pub reg_udp: UdpSocket,
+    pub state_tcp: TcpListener,
+    pub state_udp: UdpSocket,
+}
+
+impl IjamSockets {
+    /// Binds all five; a reg or state port of 0 picks one free port for TCP and UDP.
+    pub async fn bind(
+        ip: std::net::IpAddr,
+        cert_port: u16,
+        reg_port: u16,
+        state_port: u16,
+    ) -> Result<Self, BindError> {
+        let cert = listen(ip, cert_port).map_err(|source| BindError {
+            port: "certificate port",
+            option: "--cert-port",
+            addr: (ip, cert_port).into(),
+            source,
+        })?;
+        let (reg_tcp, reg_udp) = bind_pair(ip, reg_port, "registration port", "--reg-port").await?;
+        let (state_tcp, state_udp) =
+            bind_pair(ip, state_port, "state port", "--state-port").await?;
+        Ok(IjamSockets {
+            cert,
+            reg_tcp,
+            reg_udp,
+            state_tcp,
+            state_udp,
+        })
+    }
+
+    /// The stable start-up line tests and operators read the ports from.
+    pub fn describe(&self) -> std::io::Result<String> {
+        Ok(format!(
+            "cert_tcp={} reg_tcp={} reg_udp={} state_tcp={} state_udp={}",
+            self.cert.local_addr()?,
+            self.reg_tcp.local_addr()?,
+            self.reg_udp.local_addr()?,
+            self.state_tcp.local_addr()?,
+            self.state_udp.local_addr()?
+        ))
+    }
+}
+
+const REGISTER: &str = "ijam_register";
+const STATE: &str = "ijam_state";
+const CERT: &str = "ijam_cert";
+
+/// What a reply is, for the connection that sends it.
+struct Answer {
+    reply: Vec<u8>,
+    /// Undecryptable or malformed: too many in a row close a TCP connection.
+    bad: bool,
+}
+
+/// Everything a connection task needs.
+pub struct IjamServer<S> {
+    pub flow: Arc<IjamFlow<S>>,
+    pub pool: CryptoPool,
+    pub config: ServerConfig,
+    admission: Admission,
+    /// Cancelled at shutdown: connections stop reading new requests, but a request
+    /// already read is answered.
+    shutdown: CancellationToken,
+}
+
+impl<S: IjamStore> IjamServer<S> {
+    pub fn new(
+        flow: Arc<IjamFlow<S>>,
+        pool: CryptoPool,
+        config: ServerConfig,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(IjamServer {
+            admission: Admission::new(config.rate_per_source, config.burst),
+            flow,
+            pool,
+            config,
+            shutdown,
+        })
+    }
+
+    /// Serves until `cancel`, then stops accepting; in-flight requests finish on
+    /// `tracker`, which the caller waits on (with its grace period).
+    pub fn spawn(
+        self: &Arc<Self>,
+        sockets: IjamSockets,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) {
+        let IjamSockets {
+            cert,
+            reg_tcp,
+            reg_udp,
+            state_tcp,
+            state_udp,
+        } = sockets;
+        let limit = self.config.connections.clone();
+        let s = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            "cert",
+            cert,
+            limit.clone(),
+            cancel.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let s = Arc::clone(&s);
+                async move { s.cert_connection(stream, peer).await }
+            },
+        ));
+        let s = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            "reg",
+            reg_tcp,
+            limit.clone(),
+            cancel.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let s = Arc::clone(&s);
+                async move { s.register_connection(stream, peer).await }
+            },
+        ));
+        let s = Arc::clone(self);
+        tracker.spawn(accept_loop(
+            "state",
+            state_tcp,
+            limit,
+            cancel.clone(),
+            tracker.clone(),
+            move |stream, peer| {
+                let s = Arc::clone(&s);
+                async move { s.state_connection(stream, peer).await }
+            },
+        ));
+        let s = Arc::clone(self);
+        tracker.spawn(serve_datagrams(
+            reg_udp,
+            self.config.max_udp_in_flight,
+            REGISTER,
+            cancel.clone(),
+            tracker.clone(),
+            move |datagram, peer| {
+                let s = Arc::clone(&s);
+                async move {
+                    s.register(datagram, peer, Transport::Udp)
+                        .await
+                        .map(|a| a.reply)
+                }
+            },
+        ));
+        let s = Arc::clone(self);
+        tracker.spawn(serve_datagrams(
+            state_udp,
+            self.config.max_udp_in_flight,
+            STATE,
+            cancel,
+            tracker.clone(),
+            move |datagram, peer| {
+                let s = Arc::clone(&s);
+                async move { Some(s.state(datagram, peer, Transport::Udp).await.reply) }
+            },
+        ));
+    }
+
+    async fn cert_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+        let mut request = [0u8; 4];
+        loop {
+            let read = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                read = tokio::time::timeout(self.config.idle_timeout, stream.read_exact(&mut request)) => read,
+            };
+            let started = Instant::now();
+            match read {
+                Ok(Ok(_)) if request == CERT_REQUEST => {
+                    info!(flow = "ijam", port = "cert", transport = "tcp", %peer, outcome = "certificate");
+                    let keys = self.flow.keys();
+                    let sent = stream.write_all(keys.certificate_reply()).await;
+                    metrics::request(CERT, Transport::Tcp, "certificate", started.elapsed());
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(_)) => {
+                    warn!(flow = "ijam", port = "cert", %peer, "not a certificate request; closing");
+                    metrics::request(CERT, Transport::Tcp, "bad_request", started.elapsed());
+                    metrics::connection_closed("cert", "bad_request");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    debug!(flow = "ijam", port = "cert", %peer, "idle; closing");
+                    metrics::connection_closed("cert", "idle");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn register_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        // A connection frames by the key in force when it opened (a rotation keeps
+        // the size, see `registrar key rotate`).
+        let frame_len = self.flow.keys().ciphertext_len();
+        self.frame_loop(stream, peer, "reg", frame_len, |s, frame| async move {
+            s.register(frame, peer, Transport::Tcp).await
+        })
+        .await
+    }
+
+    async fn state_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+        self.frame_loop(
+            stream,
+            peer,
+            "state",
+            STATE_REQUEST_LEN,
+            |s, frame| async move { Some(s.state(frame, peer, Transport::Tcp).await) },
+        )
+        .await
+    }
+
+    /// Reads fixed-size frames until EOF, the idle timeout, or too many bad frames.
+    async fn frame_loop<F, Fut>(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        port: &'static str,
+        len: usize,
+        handle: F,
+    ) where
+        F: Fn(Arc<Self>, Bytes) -> Fut,
+        Fut: Future<Output = Option<Answer>>,
+    {
+        let _ = stream.set_nodelay(true);
+        let mut framed = Framed::new(stream, FixedFrameCodec::new(len));
+        let mut bad_in_a_row = 0;
+        loop {
+            let next = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                next = tokio::time::timeout(self.config.idle_timeout, framed.next()) => next,
+            };
+            let frame = match next {
+                Ok(Some(Ok(frame))) => frame.freeze(),
+                Ok(Some(Err(_)) | None) => return,
+                Err(_) => {
+                    let pending = framed.read_buffer().len();
+                    debug!(%peer, port, pending, "idle or partial frame; closing");
+                    metrics::connection_closed(
+                        port,
+                        if pending == 0 {
+                            "idle"
+                        } else {
+                            "partial_frame"
+                        },
+                    );
+                    return;
+                }
+            };
+            debug!(%peer, port, "request received");
+            let Some(answer) = handle(Arc::clone(&self), frame).await else {
+                continue;
+            };
+            if framed.send(Bytes::from(answer.reply)).await.is_err() {
+                return;
+            }
+            bad_in_a_row = if answer.bad { bad_in_a_row + 1 } else { 0 };
+            if bad_in_a_row >= self.config.max_bad_frames {
+                warn!(%peer, port, bad_in_a_row, "too many bad frames in a row; closing");
+                metrics::connection_closed(port, "bad_frames");
+                return;
+            }
+        }
+    }
+
+    /// One registration, whatever the transport; `None` when a UDP request is shed
+    /// (dropped without a reply, as a datagram can be).
+    async fn register(
+        &self,
+        ciphertext: Bytes,
+        peer: SocketAddr,
+        transport: Transport,
+    ) -> Option<Answer> {
+        let started = Instant::now();
+        let at = Arrival {
+            flow: REGISTER,
+            port: "reg",
+            transport,
+            peer,
+        };
+        let result: Result<_, Result<IjamError, Refusal>> = async {
+            self.admission.admit(peer.ip(), started).map_err(Err)?;
+            let flow = Arc::clone(&self.flow);
+            let now = clock::now_ms();
+            let request = self
+                .pool
+                .run(move || flow.open_request(&ciphertext, now))
+                .await
+                .map_err(Err)?
+                .map_err(Ok)?;
+            let rand = random::bytes()
+                .map(RegisterRandomness::from_bytes)
+                .map_err(|e| Ok(IjamError::Crypto(e.into())))?;
+            let (registered, reply) = self
+                .flow
+                .register(&request, clock::now_ms(), rand)
+                .await
+                .map_err(Ok)?;
+            Ok((registered, reply, request))
+        }
+        .await;
+        let latency = started.elapsed();
+        match result {
+            Ok((registered, reply, request)) => {
+                let subject = format!("{}/{}", request.network_id.as_str(), registered.node_id());
+                finish(
+                    at,
+                    Some(subject.as_str()),
+                    latency,
+                    Ending::Served {
+                        outcome: registered.outcome(),
+                    },
+                );
+                Some(Answer {
+                    reply: reply.to_vec(),
+                    bad: false,
+                })
+            }
+            Err(Ok(e)) => {
+                finish(at, None, latency, failed(&e));
+                let bad = matches!(e, IjamError::Undecryptable | IjamError::Malformed(_));
+                Some(Answer {
+                    reply: e.register_reply(),
+                    bad,
+                })
+            }
+            Err(Err(refusal)) => {
+                finish(at, None, latency, Ending::Refused(refusal));
+                let (status, reason) = match refusal {
+                    Refusal::Overloaded if transport == Transport::Udp => return None,
+                    Refusal::Overloaded => (ijam::Status::SERVICE_UNAVAILABLE, REASON_BUSY),
+                    Refusal::RateLimited => (ijam::Status::TOO_MANY_REQUESTS, REASON_RATE_LIMITED),
+                };
+                Some(Answer {
+                    reply: ijam::error_reply(status, reason),
+                    bad: false,
+                })
+            }
+        }
+    }
+
+    async fn state(&self, frame: Bytes, peer: SocketAddr, transport: Transport) -> Answer {
+        let started = Instant::now();
+        let at = Arrival {
+            flow: STATE,
+            port: "state",
+            transport,
+            peer,
+        };
+        let result = match StateRequest::parse(&frame) {
+            Ok(request) => {
+                self.flow
+                    .change_state(&request, &peer.ip().to_string(), clock::now_ms())
+                    .await
+            }
+            Err(e) => Err(IjamError::Malformed(e)),
+        };
+        let latency = started.elapsed();
+        match result {
+            Ok((node_id, code)) => {
+                let subject = format!("{node_id} → {}", code.as_str());
+                finish(
+                    at,
+                    Some(subject.as_str()),
+                    latency,
+                    Ending::Served { outcome: "changed" },
+                );
+                Answer {
+                    reply: ijam::state_reply(ijam::Status::OK).to_vec(),
+                    bad: false,
+                }
+            }
+            Err(e) => {
+                finish(at, None, latency, failed(&e));
+                Answer {
+                    reply: e.state_reply().to_vec(),
+                    bad: matches!(e, IjamError::Malformed(_)),
+                }
+            }
+        }
+    }
+}
+
+/// An ijam failure, for [`finish`].
+fn failed(e: &IjamError) -> Ending<'_> {
+    Ending::Failed {
+        outcome: e.outcome(),
+        error: e,
+        fault: match e {
+            IjamError::Store(_) => Fault::Store,
+            IjamError::Crypto(_) => Fault::Server,
+            _ => Fault::Peer,
+        },
+    }
+}

@@ -1,0 +1,252 @@
+//! Sockets: binding them (a port in use is an error naming it), the accept loop every
+//! TCP port shares (the one connection cap), and the datagram loop every UDP port
+//! shares.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::metrics;
+
+/// Largest UDP datagram we read whole; longer ones are truncated and so rejected.
+pub(crate) const MAX_DATAGRAM: usize = 65_536;
+
+/// The cap on open TCP connections, one for all the ports of a listener: cloning it
+/// shares it.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Self {
+        ConnectionLimit {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A permit for one more connection, held while it is open; `None` at the cap.
+    pub fn try_acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.permits).try_acquire_owned().ok()
+    }
+}
+
+/// A socket that could not be bound, named as the operator knows it.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({port}, {option}): {source}{}", bind_hint(.source, .option))]
+pub struct BindError {
+    /// Which port: "certificate port", "registration port", …
+    pub port: &'static str,
+    /// The option that sets it, for the hint.
+    pub option: &'static str,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
+fn bind_hint(e: &io::Error, option: &str) -> String {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => format!(
+            "; another program (a second registrar, or the servers it replaces) holds it: \
+             stop that one, or choose another port with {option}"
+        ),
+        io::ErrorKind::PermissionDenied => {
+            "; ports below 1024 need privileges (CAP_NET_BIND_SERVICE)".into()
+        }
+        io::ErrorKind::AddrNotAvailable => {
+            "; that address is not on this host: check --bind".into()
+        }
+        _ => String::new(),
+    }
+}
+
+/// A TCP listener with a deep accept backlog, so a burst of thousands of connects is
+/// queued instead of falling back to SYN retries.
+pub(crate) fn listen(ip: std::net::IpAddr, port: u16) -> io::Result<TcpListener> {
+    let socket = if ip.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind((ip, port).into())?;
+    socket.listen(4096)
+}
+
+/// What a UDP socket asks the kernel to buffer before the listener reads: a fleet that
+/// powers on at once, or a gateway with requests in flight, sends datagrams in bursts,
+/// and the default (~208 KiB, ~270 small datagrams) dropped some of a 256-datagram
+/// burst. The kernel caps it at net.core.rmem_max.
+pub const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// A UDP socket with a receive buffer of [`UDP_RECEIVE_BUFFER`] (or what the kernel
+/// allows).
+pub(crate) fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Err(e) = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER) {
+        warn!(%addr, error = %e, "cannot enlarge the UDP receive buffer; keeping the default");
+    }
+    socket.bind(&addr.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+/// TCP and UDP on the same port number; `port` and `option` name it in an error.
+pub(crate) async fn bind_pair(
+    ip: std::net::IpAddr,
+    number: u16,
+    port: &'static str,
+    option: &'static str,
+) -> Result<(TcpListener, UdpSocket), BindError> {
+    let error = |addr, source| BindError {
+        port,
+        option,
+        addr,
+        source,
+    };
+    let addr = SocketAddr::from((ip, number));
+    if number != 0 {
+        let tcp = listen(ip, number).map_err(|e| error(addr, e))?;
+        let udp = bind_udp(addr).map_err(|e| error(addr, e))?;
+        return Ok((tcp, udp));
+    }
+    let mut last = io::Error::other("no free port for TCP and UDP");
+    for _ in 0..64 {
+        let tcp = listen(ip, 0).map_err(|e| error(addr, e))?;
+        let local = tcp.local_addr().map_err(|e| error(addr, e))?;
+        match bind_udp(local) {
+            Ok(udp) => return Ok((tcp, udp)),
+            Err(e) => last = e,
+        }
+    }
+    Err(error(addr, last))
+}
+
+/// Accepts on `listener` until `cancel`, each connection under a permit of `limit`
+/// (none left: closed at once, counted for `port`) and served by `serve` on `tracker`.
+pub(crate) async fn accept_loop<F, Fut>(
+    port: &'static str,
+    listener: TcpListener,
+    limit: ConnectionLimit,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends pass; back off a little so we do not spin.
+                warn!(port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Some(permit) = limit.try_acquire() else {
+            // One line per refusal would flood the log under attack: the metric counts.
+            debug!(%peer, port, max = limit.max(), "connection limit reached; closing");
+            metrics::connection_refused(port);
+            continue;
+        };
+        let conn = serve(stream, peer);
+        tracker.spawn(async move {
+            let _open = metrics::OpenConnection::new();
+            // The connection ends itself at shutdown, after answering what it has read.
+            conn.await;
+            drop(permit);
+        });
+    }
+}
+
+/// Serves a UDP socket until `cancel`: one task per datagram, at most `max_in_flight`
+/// at once (the rest are dropped and counted as shed for `flow`), each reply sent back
+/// to its datagram's source. Only a dead socket would end it; receive errors (ICMP
+/// from earlier sends) are skipped.
+pub(crate) async fn serve_datagrams<F, Fut>(
+    socket: UdpSocket,
+    max_in_flight: usize,
+    flow: &'static str,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    handle: F,
+) where
+    F: Fn(Bytes, SocketAddr) -> Fut,
+    Fut: Future<Output = Option<Vec<u8>>> + Send + 'static,
+{
+    let socket = Arc::new(socket);
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let received = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => r,
+        };
+        let (len, peer) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                debug!(error = %e, "udp receive error");
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
+            debug!(%peer, "udp requests in flight at their limit; dropping datagram");
+            metrics::shed(flow, super::Transport::Udp);
+            continue;
+        };
+        let reply = handle(Bytes::copy_from_slice(&buf[..len]), peer);
+        let socket = Arc::clone(&socket);
+        tracker.spawn(async move {
+            if let Some(reply) = reply.await
+                && let Err(e) = socket.send_to(&reply, peer).await
+            {
+                debug!(%peer, error = %e, "udp send failed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn udp_sockets_get_a_receive_buffer_for_bursts() {
+        let (_tcp, udp) = bind_pair("127.0.0.1".parse().unwrap(), 0, "test port", "--test")
+            .await
+            .unwrap();
+        let granted = socket2::SockRef::from(&udp).recv_buffer_size().unwrap();
+        // Linux grants the smaller of the request and rmem_max, and reports it doubled
+        // (bookkeeping overhead).
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(UDP_RECEIVE_BUFFER);
+        assert!(
+            granted >= 2 * UDP_RECEIVE_BUFFER.min(cap),
+            "receive buffer {granted} B, rmem_max {cap} B"
+        );
+    }
+}

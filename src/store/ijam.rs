@@ -1,0 +1,195 @@
+//! The ijam flow's store: networks, one-time passphrases (kept as keyed hashes), nodes
+//! and the replay cache of byte-identical retries.
+
+use std::future::Future;
+
+use serde::Serialize;
+use uuid::Uuid;
+
+pub use crate::core::crypto::{PassphraseHash, ReplayKey, SealedNodeKey};
+
+use super::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    pub id: String,
+    pub owner: String,
+    pub name: String,
+    pub created_ms: i64,
+    /// Passphrases not yet consumed (expired ones included).
+    pub pending_passphrases: u64,
+    pub nodes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPassphrase {
+    pub hash: PassphraseHash,
+    pub node_name: String,
+    pub expires_ms: Option<i64>,
+}
+
+/// What `passphrase list` shows: never the secret, not even its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingPassphrase {
+    pub node_name: String,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+}
+
+/// Node status as stored. The ijam wire codes (4/8/16) live in `wire::ijam`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeStatus {
+    Offline,
+    Online,
+    Loading,
+    Revoked,
+}
+
+impl NodeStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Offline => "offline",
+            NodeStatus::Online => "online",
+            NodeStatus::Loading => "loading",
+            NodeStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "offline" => NodeStatus::Offline,
+            "online" => NodeStatus::Online,
+            "loading" => NodeStatus::Loading,
+            "revoked" => NodeStatus::Revoked,
+            _ => return None,
+        })
+    }
+
+    /// The statuses from which a node may move to `self` (schemas/ijam.md, state requests).
+    pub fn allowed_origins(self) -> &'static [NodeStatus] {
+        match self {
+            NodeStatus::Online => &[NodeStatus::Offline, NodeStatus::Online, NodeStatus::Loading],
+            NodeStatus::Loading => &[NodeStatus::Online],
+            NodeStatus::Offline => &[NodeStatus::Offline, NodeStatus::Online, NodeStatus::Loading],
+            NodeStatus::Revoked => &[],
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub id: Uuid,
+    pub network: String,
+    pub owner: String,
+    pub name: String,
+    /// "device", "fog" or "cloud".
+    pub node_type: String,
+    /// "x86_ubuntu", "rpi_linux", "wsl", "macos" or "esp32".
+    pub arch: String,
+    pub status: NodeStatus,
+    #[serde(skip)]
+    pub sealed_key: SealedNodeKey,
+    /// Peer address of the last `online` transition, empty before.
+    pub ip: String,
+    pub created_ms: i64,
+    pub registered_ms: i64,
+    pub online_ms: i64,
+}
+
+/// Everything the atomic registration step needs; built by `flow::ijam`.
+#[derive(Debug, Clone)]
+pub struct RegisterOp {
+    pub network: String,
+    pub passphrase: PassphraseHash,
+    pub replay_key: ReplayKey,
+    pub replay_ttl_ms: i64,
+    /// The node id the client sent; `None` when it sent all zeros.
+    pub requested_id: Option<Uuid>,
+    /// Used when `requested_id` is `None` or belongs to another owner (or is revoked).
+    /// Made by the caller from a CSPRNG, so stores stay deterministic under test.
+    pub fresh_id: Uuid,
+    pub sealed_key: SealedNodeKey,
+    pub node_type: &'static str,
+    pub arch: &'static str,
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// A new node record was created under `node_id`.
+    Created { node_id: Uuid },
+    /// The requested id existed with the same owner: status offline, new key.
+    Reregistered { node_id: Uuid },
+    /// A byte-identical request was answered within the replay TTL; nothing changed.
+    Replayed { node_id: Uuid },
+    /// Unknown network, unknown / used / expired passphrase: one outcome, so one reply.
+    InvalidPassphrase,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransitionOutcome {
+    Changed { from: NodeStatus },
+    NotAllowed { from: NodeStatus },
+    UnknownNode,
+}
+
+/// The ijam flow's atomic operations and the admin commands' reads and writes.
+pub trait IjamStore: Send + Sync + 'static {
+    fn create_network(
+        &self,
+        id: &str,
+        owner: &str,
+        name: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Network, StoreError>> + Send;
+    fn network(&self, id: &str)
+    -> impl Future<Output = Result<Option<Network>, StoreError>> + Send;
+    fn networks(&self) -> impl Future<Output = Result<Vec<Network>, StoreError>> + Send;
+    /// Removes a network with its pending passphrases, replay records and nodes;
+    /// returns how many nodes went with it (unknown network: `UnknownNetwork`).
+    fn delete_network(&self, id: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Adds all or none: an unknown network, a taken node name or a duplicate secret
+    /// fails the whole batch.
+    fn add_passphrases(
+        &self,
+        network: &str,
+        batch: Vec<NewPassphrase>,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn passphrases(
+        &self,
+        network: &str,
+    ) -> impl Future<Output = Result<Vec<PendingPassphrase>, StoreError>> + Send;
+    fn revoke_passphrase(
+        &self,
+        network: &str,
+        node_name: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Consume the passphrase and create or re-register the node, atomically.
+    fn register(
+        &self,
+        op: RegisterOp,
+    ) -> impl Future<Output = Result<RegisterOutcome, StoreError>> + Send;
+
+    fn node(&self, id: Uuid) -> impl Future<Output = Result<Option<Node>, StoreError>> + Send;
+    /// All nodes, or those of one network (unknown network: `UnknownNetwork`).
+    fn nodes(
+        &self,
+        network: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<Node>, StoreError>> + Send;
+    /// Moves `id` to `target` if its current status is in `target.allowed_origins()`.
+    /// `ip` is recorded (and `online_ms` set) when the target is `Online`.
+    fn transition(
+        &self,
+        id: Uuid,
+        target: NodeStatus,
+        ip: &str,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<TransitionOutcome, StoreError>> + Send;
+    /// Status `revoked`, key erased; later state requests get 403 and a registration
+    /// naming this id gets a fresh one.
+    fn revoke_node(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+}

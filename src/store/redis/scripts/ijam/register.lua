@@ -1,0 +1,94 @@
+#!lua
+-- register: consume a passphrase and create or re-register a node, atomically. Every
+-- key is in the owner's slot: the network's passphrases, the owner's nodes and the
+-- replay record.
+-- KEYS[1] rg:{own:<o>}:net:<id>   KEYS[2] …:net:<id>:pp   KEYS[3] …:net:<id>:ppnames
+-- KEYS[4] rg:{own:<o>}:nodes      KEYS[5] …:net:<id>:replay:<replay key hex>
+-- KEYS[6] rg:{own:<o>}:node:<fresh id>   KEYS[7] rg:{own:<o>}:node:<requested id> (absent when none)
+-- ARGV[1] network id   ARGV[2] passphrase hash hex   ARGV[3] now_ms   ARGV[4] replay_ttl_ms
+-- ARGV[5] fresh id     ARGV[6] requested id or ''    ARGV[7] sealed key hex
+-- ARGV[8] node type    ARGV[9] arch   ARGV[10] owner
+-- ARGV[11] where the node index puts the requested id: 'mine' (this owner), 'other'
+--          (another owner), 'none' (nowhere), or '' without a requested id
+-- Reply: {'no_network'} | {'replayed', id} | {'invalid'} | {'claim'} |
+--        {'created', id} | {'reregistered', id}
+-- 'claim': the passphrase is good and the requested id is nowhere: the caller claims
+-- the id in the node index and runs the script again. Nothing was written.
+-- Error: 'RGCORRUPT ...' when a stored record cannot be read or the fresh id is taken.
+--
+-- Every check runs before the first write (a Lua error does not roll back earlier
+-- writes).
+local net_key, pp_key, ppnames_key, nodes_key, replay_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local fresh_key, requested_key = KEYS[6], KEYS[7]
+local network, pp_hash, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local fresh_id, requested_id, sealed, node_type, arch = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local owner, indexed = ARGV[10], ARGV[11]
+
+-- 1. The network must be this owner's (the caller's network index may be stale), and
+-- a byte-identical retry within the TTL gets the same answer.
+if redis.call('EXISTS', net_key) == 0 then
+  return {'no_network'}
+end
+local replayed = redis.call('GET', replay_key)
+if replayed then
+  return {'replayed', replayed}
+end
+
+-- 2. The passphrase must be pending in this network and not expired.
+local entry = redis.call('HGET', pp_key, pp_hash)
+if not entry then
+  return {'invalid'}
+end
+local created, expires, name = string.match(entry, '^(%-?%d+)|(%-?%d*)|(.*)$')
+if not created then
+  return redis.error_reply('RGCORRUPT passphrase entry in ' .. pp_key)
+end
+if expires ~= '' and tonumber(expires) <= tonumber(now) then
+  return {'invalid'}
+end
+
+-- 3. (decided before any write) Re-register, create under the requested id, or fresh.
+local outcome, id, node_key = 'created', fresh_id, fresh_key
+local old_network
+if requested_key then
+  local rec = redis.call('HMGET', requested_key, 'status', 'network')
+  if rec[1] then
+    if rec[1] ~= 'revoked' then
+      outcome, id, node_key, old_network = 'reregistered', requested_id, requested_key, rec[2]
+      if not old_network then
+        return redis.error_reply('RGCORRUPT node record ' .. requested_key)
+      end
+    end
+  elseif indexed == 'mine' then
+    id, node_key = requested_id, requested_key
+  elseif indexed == 'none' then
+    return {'claim'}
+  end
+end
+if outcome == 'created' and redis.call('EXISTS', node_key) == 1 then
+  return redis.error_reply('RGCORRUPT fresh node id already exists: ' .. node_key)
+end
+
+-- 4. Consume the passphrase.
+redis.call('HDEL', pp_key, pp_hash)
+if redis.call('HGET', ppnames_key, name) == pp_hash then
+  redis.call('HDEL', ppnames_key, name)
+end
+
+-- 5. Write the node and its membership (members are '<network>\0<id>').
+if outcome == 'reregistered' then
+  redis.call('HSET', node_key, 'network', network, 'name', name, 'type', node_type,
+    'arch', arch, 'status', 'offline', 'key', sealed, 'registered_ms', now)
+  redis.call('ZREM', nodes_key, old_network .. '\0' .. id)
+else
+  redis.call('HSET', node_key, 'network', network, 'owner', owner, 'name', name,
+    'type', node_type, 'arch', arch, 'status', 'offline', 'key', sealed, 'ip', '',
+    'created_ms', now, 'registered_ms', now, 'online_ms', '0')
+end
+redis.call('ZADD', nodes_key, 0, network .. '\0' .. id)
+
+-- 6. Remember the answer for retries.
+if ttl and ttl > 0 then
+  redis.call('SET', replay_key, id, 'PX', ARGV[4])
+end
+return {outcome, id}
