@@ -32,7 +32,7 @@ use registrar::core::crypto::{
 use registrar::flow::ijam::{
     DEFAULT_REPLAY_TTL_MS, IjamError, IjamFlow, RegisterRandomness, Registered,
 };
-use registrar::store::ijam::{IjamStore, NewPassphrase};
+use registrar::store::ijam::{IjamStore, NewPassphrase, StoredPassphrase};
 use registrar::store::redis::RedisStore;
 use registrar::store::sqlite::SqliteStore;
 use registrar::wire::ijam::{
@@ -196,7 +196,9 @@ impl<S: IjamStore> Bench<S> {
             let serial = self.minted.get();
             self.minted.set(serial + 1);
             batch.push(NewPassphrase {
-                hash: self.storage.passphrase_hash(NETWORK, pass.expose()),
+                passphrase: StoredPassphrase::Hash(
+                    self.storage.passphrase_hash(NETWORK, pass.expose()),
+                ),
                 node_name: format!("bench-{serial}"),
                 expires_ms: None,
             });

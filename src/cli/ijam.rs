@@ -45,17 +45,21 @@ pub enum NetworkCommand {
 pub enum PassphraseCommand {
     /// Mint one-time passphrases and print them on stdout, one per line.
     ///
-    /// Generated passphrases are 16 letters and digits whose last two are a check
-    /// value the listener verifies before any lookup. A typed one (--passphrase) may be
-    /// 1–16 letters or digits; a typed 16-character one must carry a valid check value.
+    /// Generated passphrases are 15 letters and digits (as many as the C client
+    /// `ijamreg` reads), the last two a check value that catches any single mistyped
+    /// character. A typed one (--passphrase) may be 8–16 letters or digits.
     Add {
         network: String,
         /// Name of the node that will register with it (with --count: NAME-1 … NAME-N).
         #[arg(long)]
         node_name: String,
-        /// Use this passphrase instead of generating one.
+        /// Use this passphrase instead of generating one: 8–16 letters or digits.
         #[arg(long, conflicts_with = "count")]
         passphrase: Option<String>,
+        /// Accept a typed passphrase under 8 characters, as the JAMScript-OTA portal did
+        /// (for nodes already configured with one; a short one is guessed in few tries).
+        #[arg(long, requires = "passphrase")]
+        allow_short: bool,
         /// Unused passphrases stop working after this long (e.g. 7d, 12h).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
@@ -104,6 +108,9 @@ pub enum NodeCommand {
     /// naming its id gets a fresh one.
     Revoke { id: Uuid },
 }
+
+/// Typed passphrases shorter than this are refused.
+const MIN_TYPED_PASSPHRASE: usize = 8;
 
 /// A freshly generated passphrase.
 fn generated() -> Result<Passphrase> {
@@ -223,6 +230,7 @@ async fn passphrase_on<S: IjamStore>(
             network,
             node_name,
             passphrase: typed,
+            allow_short,
             expires_in,
             count,
         } => {
@@ -235,12 +243,22 @@ async fn passphrase_on<S: IjamStore>(
             let minted: Vec<(String, Passphrase)> = match (typed, count) {
                 (Some(p), _) => {
                     let p = Passphrase::new(&p).map_err(|e| {
-                        anyhow!("invalid passphrase ({e}): use 1–16 ASCII letters or digits")
+                        anyhow!("invalid passphrase ({e}): use 8–16 ASCII letters or digits")
                     })?;
-                    if !passphrase::check_value_ok(p.expose()) {
+                    if p.expose().len() < MIN_TYPED_PASSPHRASE && !allow_short {
                         bail!(
-                            "a 16-character passphrase must end in a valid check value; \
-                             type at most 15 characters, or omit --passphrase to generate one"
+                            "a typed passphrase needs at least {MIN_TYPED_PASSPHRASE} characters \
+                             (this one has {}): a short one is guessed in few tries; omit \
+                             --passphrase to generate one (or give --allow-short for a node \
+                             that already has it)",
+                            p.expose().len()
+                        );
+                    }
+                    if p.expose().len() > passphrase::GENERATED_LEN {
+                        eprintln!(
+                            "note: the C client ijamreg reads at most {} characters of a \
+                             passphrase; nodes using it cannot type this one",
+                            passphrase::GENERATED_LEN
                         );
                     }
                     vec![(node_name, p)]
@@ -254,7 +272,7 @@ async fn passphrase_on<S: IjamStore>(
             let batch = minted
                 .iter()
                 .map(|(name, p)| NewPassphrase {
-                    hash: storage.passphrase_hash(id.as_str(), p.expose()),
+                    passphrase: storage.store_passphrase(store.at_rest(), id.as_str(), p.expose()),
                     node_name: name.clone(),
                     expires_ms,
                 })

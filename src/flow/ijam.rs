@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use uuid::Uuid;
 
-use crate::core::crypto::{self, CryptoError, KeyRing, MAX_MODULUS_LEN, StorageKey, passphrase};
+use crate::core::crypto::{self, CryptoError, KeyRing, MAX_MODULUS_LEN, StorageKey};
 use crate::store::StoreError;
 use crate::store::ijam::{IjamStore, NodeStatus, RegisterOp, RegisterOutcome, TransitionOutcome};
 use crate::wire::DecodeError;
@@ -32,8 +32,9 @@ pub enum IjamError {
     InvalidPassphrase,
     #[error("unknown node")]
     UnknownNode,
-    #[error("node is revoked")]
-    Revoked,
+    /// Revoked, or expired (the portal's layout): its key is gone.
+    #[error("node is {0}")]
+    Unusable(&'static str),
     #[error("transition from {from} to {to} not allowed")]
     TransitionNotAllowed {
         from: &'static str,
@@ -46,19 +47,21 @@ pub enum IjamError {
 }
 
 pub use crate::wire::ijam::{
-    REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_RATE_LIMITED, REASON_REQUEST, REASON_UNAVAILABLE,
+    REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_NODE_NOT_FOUND, REASON_RATE_LIMITED,
+    REASON_REQUEST, REASON_UNAVAILABLE,
 };
 
 impl IjamError {
-    /// The wire status and reason of this failure: the single mapping point.
+    /// The wire status of this failure and the reason text of a registration reply:
+    /// the single mapping point.
     pub fn status_and_reason(&self) -> (Status, &'static str) {
         match self {
             IjamError::Undecryptable | IjamError::Malformed(_) => {
                 (Status::BAD_REQUEST, REASON_REQUEST)
             }
             IjamError::InvalidPassphrase => (Status::UNAUTHORIZED, REASON_INVALID_PASSPHRASE),
-            IjamError::UnknownNode => (Status::NOT_FOUND, "Node not found."),
-            IjamError::Revoked | IjamError::TransitionNotAllowed { .. } => {
+            IjamError::UnknownNode => (Status::NOT_FOUND, REASON_NODE_NOT_FOUND),
+            IjamError::Unusable(_) | IjamError::TransitionNotAllowed { .. } => {
                 (Status::FORBIDDEN, "Transition not allowed.")
             }
             IjamError::Store(_) | IjamError::Crypto(_) => {
@@ -73,9 +76,21 @@ impl IjamError {
         ijam::error_reply(status, reason)
     }
 
-    /// A state-port reply: the status alone.
-    pub fn state_reply(&self) -> [u8; 2] {
-        ijam::state_reply(self.status_and_reason().0)
+    /// A state-port reply: the status, and the original's text where it tells the
+    /// peer nothing it could not learn otherwise — a refused transition (the peer
+    /// holds the node's key) and an unknown node (ids are random). A frame that does
+    /// not decrypt or check gets the status alone: telling a bad checksum from a bad
+    /// code would help forge frames through the IV.
+    pub fn state_reply(&self) -> Vec<u8> {
+        let (status, _) = self.status_and_reason();
+        match self {
+            IjamError::TransitionNotAllowed { from, to } => ijam::error_reply(
+                status,
+                &format!("Cannot transition node from {from} to {to}."),
+            ),
+            IjamError::UnknownNode => ijam::error_reply(status, REASON_NODE_NOT_FOUND),
+            _ => ijam::state_reply(status).to_vec(),
+        }
     }
 
     /// A short word for the request log.
@@ -85,7 +100,7 @@ impl IjamError {
             IjamError::Malformed(_) => "malformed",
             IjamError::InvalidPassphrase => "invalid_passphrase",
             IjamError::UnknownNode => "unknown_node",
-            IjamError::Revoked => "revoked",
+            IjamError::Unusable(_) => "unusable",
             IjamError::TransitionNotAllowed { .. } => "transition_not_allowed",
             IjamError::Store(_) => "store_unavailable",
             IjamError::Crypto(_) => "crypto_error",
@@ -174,8 +189,8 @@ impl<S: IjamStore> IjamFlow<S> {
         &self.store
     }
 
-    /// The expensive, store-free half of a registration: RSA-OAEP decryption, parse,
-    /// and the passphrase check value. Runs on the crypto pool.
+    /// The expensive, store-free half of a registration: RSA-OAEP decryption and
+    /// parse. Runs on the crypto pool.
     pub fn open_request(
         &self,
         ciphertext: &[u8],
@@ -188,9 +203,6 @@ impl<S: IjamStore> IjamFlow<S> {
             .map_err(|_| IjamError::Undecryptable)?;
         let request = RegisterRequest::parse(plain)?;
         buf.fill(0);
-        if !passphrase::check_value_ok(request.passphrase.expose()) {
-            return Err(IjamError::InvalidPassphrase);
-        }
         Ok(request)
     }
 
@@ -202,18 +214,21 @@ impl<S: IjamStore> IjamFlow<S> {
         rand: RegisterRandomness,
     ) -> Result<(Registered, [u8; ijam::REGISTER_REPLY_LEN]), IjamError> {
         let network = request.network_id.as_str();
+        let at_rest = self.store.at_rest();
         let op = RegisterOp {
             network: network.to_owned(),
-            passphrase: self
-                .storage
-                .passphrase_hash(network, request.passphrase.expose()),
+            passphrase: self.storage.store_passphrase(
+                at_rest,
+                network,
+                request.passphrase.expose(),
+            ),
             replay_key: self.storage.replay_key(&request.to_bytes()),
             replay_ttl_ms: self.replay_ttl_ms,
             requested_id: request.node_id,
             fresh_id: rand.fresh_id,
-            sealed_key: self
+            node_key: self
                 .storage
-                .seal_node_key(&request.node_key, rand.seal_nonce)
+                .store_node_key(at_rest, &request.node_key, rand.seal_nonce)
                 .map_err(IjamError::Crypto)?,
             node_type: request.node_type.as_str(),
             arch: request.node_arch.as_str(),
@@ -239,12 +254,12 @@ impl<S: IjamStore> IjamFlow<S> {
     ) -> Result<(Uuid, StateCode), IjamError> {
         let id = request.node_id;
         let node = self.store.node(id).await?.ok_or(IjamError::UnknownNode)?;
-        if node.status == NodeStatus::Revoked {
-            return Err(IjamError::Revoked);
+        if matches!(node.status, NodeStatus::Revoked | NodeStatus::Expired) {
+            return Err(IjamError::Unusable(node.status.as_str()));
         }
         let key = self
             .storage
-            .open_node_key(&node.sealed_key)
+            .node_key(&node.key)
             .map_err(IjamError::Crypto)?;
         let mut block = request.body;
         crypto::aes_cbc_decrypt(&key, request.iv, &mut block);

@@ -6,7 +6,9 @@ use std::future::Future;
 use serde::Serialize;
 use uuid::Uuid;
 
-pub use crate::core::crypto::{PassphraseHash, ReplayKey, SealedNodeKey};
+pub use crate::core::crypto::{
+    AtRest, PassphraseHash, ReplayKey, SealedNodeKey, StoredNodeKey, StoredPassphrase,
+};
 
 use super::StoreError;
 
@@ -23,7 +25,7 @@ pub struct Network {
 
 #[derive(Debug, Clone)]
 pub struct NewPassphrase {
-    pub hash: PassphraseHash,
+    pub passphrase: StoredPassphrase,
     pub node_name: String,
     pub expires_ms: Option<i64>,
 }
@@ -44,6 +46,11 @@ pub enum NodeStatus {
     Online,
     Loading,
     Revoked,
+    /// The portal's layout: 90 days after its last registration (never on a native
+    /// store).
+    Expired,
+    /// The portal's `created` or `none`: a status its enum has and nothing sets.
+    Created,
 }
 
 impl NodeStatus {
@@ -53,6 +60,8 @@ impl NodeStatus {
             NodeStatus::Online => "online",
             NodeStatus::Loading => "loading",
             NodeStatus::Revoked => "revoked",
+            NodeStatus::Expired => "expired",
+            NodeStatus::Created => "created",
         }
     }
 
@@ -62,6 +71,8 @@ impl NodeStatus {
             "online" => NodeStatus::Online,
             "loading" => NodeStatus::Loading,
             "revoked" => NodeStatus::Revoked,
+            "expired" => NodeStatus::Expired,
+            "created" | "none" => NodeStatus::Created,
             _ => return None,
         })
     }
@@ -72,7 +83,7 @@ impl NodeStatus {
             NodeStatus::Online => &[NodeStatus::Offline, NodeStatus::Online, NodeStatus::Loading],
             NodeStatus::Loading => &[NodeStatus::Online],
             NodeStatus::Offline => &[NodeStatus::Offline, NodeStatus::Online, NodeStatus::Loading],
-            NodeStatus::Revoked => &[],
+            NodeStatus::Revoked | NodeStatus::Expired | NodeStatus::Created => &[],
         }
     }
 }
@@ -89,7 +100,7 @@ pub struct Node {
     pub arch: String,
     pub status: NodeStatus,
     #[serde(skip)]
-    pub sealed_key: SealedNodeKey,
+    pub key: StoredNodeKey,
     /// Peer address of the last `online` transition, empty before.
     pub ip: String,
     pub created_ms: i64,
@@ -101,7 +112,7 @@ pub struct Node {
 #[derive(Debug, Clone)]
 pub struct RegisterOp {
     pub network: String,
-    pub passphrase: PassphraseHash,
+    pub passphrase: StoredPassphrase,
     pub replay_key: ReplayKey,
     pub replay_ttl_ms: i64,
     /// The node id the client sent; `None` when it sent all zeros.
@@ -109,7 +120,7 @@ pub struct RegisterOp {
     /// Used when `requested_id` is `None` or belongs to another owner (or is revoked).
     /// Made by the caller from a CSPRNG, so stores stay deterministic under test.
     pub fresh_id: Uuid,
-    pub sealed_key: SealedNodeKey,
+    pub node_key: StoredNodeKey,
     pub node_type: &'static str,
     pub arch: &'static str,
     pub now_ms: i64,
@@ -136,6 +147,16 @@ pub enum TransitionOutcome {
 
 /// The ijam flow's atomic operations and the admin commands' reads and writes.
 pub trait IjamStore: Send + Sync + 'static {
+    /// How this store keeps passphrases and node keys: what it takes in
+    /// [`NewPassphrase`] and [`RegisterOp`] and gives back in [`Node`].
+    fn at_rest(&self) -> AtRest {
+        AtRest::Protected
+    }
+
+    /// Writes a node as it stands, into an existing network (`registrar migrate`);
+    /// false when a node of that id exists already (nothing changes).
+    fn import_node(&self, node: Node) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
     fn create_network(
         &self,
         id: &str,
@@ -192,4 +213,35 @@ pub trait IjamStore: Send + Sync + 'static {
     /// Status `revoked`, key erased; later state requests get 403 and a registration
     /// naming this id gets a fresh one.
     fn revoke_node(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The keyed hash of a passphrase a protected store takes; any other form is a
+/// programming error (the flow asks the store how it keeps secrets).
+pub(crate) fn protected_passphrase(p: &StoredPassphrase) -> Result<&PassphraseHash, StoreError> {
+    match p {
+        StoredPassphrase::Hash(hash) => Ok(hash),
+        StoredPassphrase::Clear(_) => Err(StoreError::Corrupt(
+            "a passphrase in clear offered to a store that keeps keyed hashes".into(),
+        )),
+    }
+}
+
+/// The sealed node key a protected store takes (erased: empty).
+pub(crate) fn protected_key(key: &StoredNodeKey) -> Result<&[u8], StoreError> {
+    match key {
+        StoredNodeKey::Sealed(sealed) => Ok(&sealed.0),
+        StoredNodeKey::None => Ok(&[]),
+        StoredNodeKey::Clear(_) => Err(StoreError::Corrupt(
+            "a node key in clear offered to a store that keeps sealed keys".into(),
+        )),
+    }
+}
+
+/// A protected store's sealed key bytes, as a [`StoredNodeKey`] (empty: erased).
+pub(crate) fn sealed_key(bytes: Vec<u8>) -> StoredNodeKey {
+    if bytes.is_empty() {
+        StoredNodeKey::None
+    } else {
+        StoredNodeKey::Sealed(SealedNodeKey(bytes))
+    }
 }

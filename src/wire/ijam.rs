@@ -231,9 +231,15 @@ impl NodeType {
     }
 }
 
-/// Node architecture, one-hot on the wire.
+/// Node architecture, one-hot on the wire. The original also took 0 and 1 (its check
+/// tested the node type by mistake) and stored them as `none`: so do we
+/// (schemas/ijam.md, "Choices").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeArch {
+    /// Code 0: no bit set.
+    Unset = 0,
+    /// Code 1: the original's `NONE` bit.
+    None = 1,
     X86Ubuntu = 2,
     RpiLinux = 4,
     Wsl = 8,
@@ -242,7 +248,18 @@ pub enum NodeArch {
 }
 
 impl NodeArch {
+    /// The architectures a node can name.
     pub const ALL: [NodeArch; 5] = [
+        NodeArch::X86Ubuntu,
+        NodeArch::RpiLinux,
+        NodeArch::Wsl,
+        NodeArch::Macos,
+        NodeArch::Esp32,
+    ];
+    /// Every code a request may carry.
+    pub const ACCEPTED: [NodeArch; 7] = [
+        NodeArch::Unset,
+        NodeArch::None,
         NodeArch::X86Ubuntu,
         NodeArch::RpiLinux,
         NodeArch::Wsl,
@@ -251,7 +268,7 @@ impl NodeArch {
     ];
 
     pub fn from_code(code: u32) -> Result<Self, DecodeError> {
-        Self::ALL
+        Self::ACCEPTED
             .into_iter()
             .find(|a| *a as u32 == code)
             .ok_or(DecodeError::NotOneHot {
@@ -262,6 +279,7 @@ impl NodeArch {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            NodeArch::Unset | NodeArch::None => "none",
             NodeArch::X86Ubuntu => "x86_ubuntu",
             NodeArch::RpiLinux => "rpi_linux",
             NodeArch::Wsl => "wsl",
@@ -288,9 +306,8 @@ impl TryFrom<&RawRegisterRequest> for RegisterRequest {
 
     fn try_from(raw: &RawRegisterRequest) -> Result<Self, DecodeError> {
         let node_id = Some(Uuid::from_bytes(raw.node_id)).filter(|id| !id.is_nil());
-        let network = nul_padded_str("network_id", &raw.network_id)?;
-        let network_id = NetworkId::new(network)?;
-        let passphrase = Passphrase::new(nul_padded_str("passphrase", &raw.passphrase)?)?;
+        let network_id = NetworkId::new(c_string("network_id", &raw.network_id)?)?;
+        let passphrase = Passphrase::new(c_string("passphrase", &raw.passphrase)?)?;
         Ok(RegisterRequest {
             node_id,
             network_id,
@@ -329,16 +346,11 @@ impl RegisterRequest {
     }
 }
 
-/// Reads a NUL-padded ASCII field: text, then only NULs.
-fn nul_padded_str<'a>(field: &'static str, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
-    let len = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    if let Some(offset) = bytes[len..].iter().position(|&b| b != 0) {
-        return Err(DecodeError::BadByte {
-            field,
-            offset: len + offset,
-        });
-    }
-    let text = &bytes[..len];
+/// Reads a string field as the C client writes it and the original read it: the text
+/// up to the first NUL (or the whole field), whatever follows. `fgets` from a console
+/// with CRLF line ends leaves `\0\n` and stale bytes after the text.
+fn c_string<'a>(field: &'static str, bytes: &'a [u8]) -> Result<&'a str, DecodeError> {
+    let text = &bytes[..bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())];
     if let Some(offset) = text.iter().position(|b| !b.is_ascii()) {
         return Err(DecodeError::BadByte { field, offset });
     }
@@ -430,6 +442,7 @@ pub fn register_reply(iv: [u8; 16], body: [u8; 32]) -> [u8; REGISTER_REPLY_LEN] 
 /// so a reply tells a peer nothing beyond its class.
 pub const REASON_REQUEST: &str = "request";
 pub const REASON_INVALID_PASSPHRASE: &str = "Invalid passphrase.";
+pub const REASON_NODE_NOT_FOUND: &str = "Node not found.";
 pub const REASON_UNAVAILABLE: &str = "Service unavailable.";
 pub const REASON_BUSY: &str = "Server busy.";
 pub const REASON_RATE_LIMITED: &str = "Too many requests.";
@@ -601,12 +614,11 @@ mod tests {
                 field: "passphrase"
             })
         );
-        // Text after the NUL padding is not a NUL-padded field.
+        // Text before the first NUL is the field; what follows it is not read.
         assert_eq!(
-            with(40, b"x"),
-            Err(DecodeError::BadByte {
-                field: "passphrase",
-                offset: 8
+            with(32, &[0x00, b'x']),
+            Err(DecodeError::Empty {
+                field: "passphrase"
             })
         );
         assert_eq!(
@@ -626,7 +638,41 @@ mod tests {
     }
 
     #[test]
-    fn what_parses_from_pseudo_random_plaintexts_rebuilds_the_same_bytes() {
+    fn string_fields_are_c_strings_as_the_c_client_sends_them() {
+        // CRLF line ends through fgets: "lab\0\n" and stale bytes after the NUL.
+        let mut bytes = sample().to_bytes();
+        bytes[16..32].copy_from_slice(b"lab\0\nstale\0\0\0\0\0\0");
+        bytes[32..48].copy_from_slice(b"alpha1\0\n\r\x01\xff\0\0\0\0\0");
+        let req = RegisterRequest::parse(&bytes).unwrap();
+        assert_eq!(req.network_id.as_str(), "lab");
+        assert_eq!(req.passphrase.expose(), "alpha1");
+        // A field with no NUL at all is all text (16 characters).
+        bytes[16..32].copy_from_slice(b"sixteen-chars-id");
+        assert_eq!(
+            RegisterRequest::parse(&bytes).unwrap().network_id.as_str(),
+            "sixteen-chars-id"
+        );
+        // Rebuilt, the request is canonical: the text, then NULs.
+        let canonical = RegisterRequest::parse(&bytes).unwrap().to_bytes();
+        assert_eq!(&canonical[32..48], b"alpha1\0\0\0\0\0\0\0\0\0\0");
+    }
+
+    #[test]
+    fn arch_codes_0_and_1_are_the_originals_none() {
+        let with_arch = |code: u32| {
+            let mut b = sample().to_bytes();
+            b[84..88].copy_from_slice(&code.to_le_bytes());
+            RegisterRequest::parse(&b)
+                .map(|r| (r.node_arch, r.node_arch.as_str(), r.to_bytes() == b))
+        };
+        assert_eq!(with_arch(0), Ok((NodeArch::Unset, "none", true)));
+        assert_eq!(with_arch(1), Ok((NodeArch::None, "none", true)));
+        assert!(with_arch(3).is_err(), "two bits");
+        assert!(with_arch(64).is_err());
+    }
+
+    #[test]
+    fn what_parses_from_pseudo_random_plaintexts_rebuilds_to_itself() {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         for len in [0usize, 16, 87, 88, 89, 512] {
             for _ in 0..2000 {
@@ -639,7 +685,8 @@ mod tests {
                     })
                     .collect();
                 if let Ok(request) = RegisterRequest::parse(&bytes) {
-                    assert_eq!(request.to_bytes().as_slice(), bytes.as_slice());
+                    // Rebuilt canonically (NUL-padded fields), it parses to itself.
+                    assert_eq!(RegisterRequest::parse(&request.to_bytes()), Ok(request));
                 }
                 if let Ok(code) = StateCode::parse_plaintext(&bytes) {
                     assert_eq!(code.plaintext().as_slice(), bytes.as_slice());

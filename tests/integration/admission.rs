@@ -182,7 +182,7 @@ fn a_source_over_its_budget_gets_429_before_any_rsa_work() {
     );
     assert_eq!(
         tcp_exchange(l.ports.state_tcp, &state),
-        404u16.to_le_bytes()
+        b"\x94\x01Node not found."
     );
 }
 
@@ -504,11 +504,11 @@ fn every_port_counts_its_requests_and_every_series_is_described() {
     );
     assert_eq!(
         tcp_exchange(l.ports.state_tcp, &state),
-        404u16.to_le_bytes()
+        b"\x94\x01Node not found."
     );
     assert_eq!(
         udp_exchange(l.ports.state_udp, &state),
-        404u16.to_le_bytes()
+        b"\x94\x01Node not found."
     );
     let hello = registrar::client::pubkey::hello_frame(1);
     assert_eq!(

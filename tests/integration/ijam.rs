@@ -121,6 +121,7 @@ ijam_battery!(
     bad_input_gets_its_reply_and_changes_nothing,
     several_requests_on_one_connection_and_split_writes,
     a_retry_after_the_replay_ttl_finds_the_passphrase_spent,
+    what_the_original_accepted_registers_c_strings_and_arch_0_and_1,
 );
 
 fn listener(backend: &str, key: Key) -> Option<Listener> {
@@ -212,6 +213,7 @@ fn captured_4096_exchange_then_consumed_passphrase(backend: &str) {
         "node-alpha1",
         "--passphrase",
         "alpha1",
+        "--allow-short",
     ]);
     let key: [u8; 32] = vector("reg4096_node_key.bin").try_into().unwrap();
     let reply = tcp_exchange(l.ports.reg_tcp, &vector("reg4096_request_cipher.bin"));
@@ -257,9 +259,9 @@ fn registration_rules(backend: &str, transport: Transport) {
     assert_eq!(reply, REPLY_401);
     let (_, reply) = send(&request(None, "no-such-net", &p1, random_key()));
     assert_eq!(reply, REPLY_401);
-    // A generated-looking passphrase whose check value is wrong: the same 401.
+    // A generated passphrase with one character mistyped: the same 401.
     let mut wrong = p1.clone().into_bytes();
-    wrong[15] = if wrong[15] == b'0' { b'1' } else { b'0' };
+    wrong[14] = if wrong[14] == b'0' { b'1' } else { b'0' };
     let (_, reply) = send(&request(
         None,
         "net-a",
@@ -417,7 +419,7 @@ fn state_transitions(backend: &str, transport: Transport) {
     // From offline: loading is not allowed (403), online and offline are.
     assert_eq!(
         send(state_frame(id, &key, StateCode::Loading)),
-        403u16.to_le_bytes()
+        b"\x93\x01Cannot transition node from offline to loading."
     );
     assert_eq!(status(&l), "offline");
     assert_eq!(
@@ -441,9 +443,10 @@ fn state_transitions(backend: &str, transport: Transport) {
         200u16.to_le_bytes()
     );
     assert_eq!(status(&l), "loading");
+    // The original's reply, text and all (it tells the key's holder the status).
     assert_eq!(
         send(state_frame(id, &key, StateCode::Loading)),
-        403u16.to_le_bytes()
+        b"\x93\x01Cannot transition node from loading to loading."
     );
     assert_eq!(
         send(state_frame(id, &key, StateCode::Online)),
@@ -459,7 +462,7 @@ fn state_transitions(backend: &str, transport: Transport) {
     let unknown = Uuid::from_bytes([9; 16]);
     assert_eq!(
         send(state_frame(unknown, &key, StateCode::Online)),
-        404u16.to_le_bytes()
+        b"\x94\x01Node not found."
     );
     let mut bad = StateCode::Online.plaintext();
     bad[4] ^= 0x55;
@@ -488,7 +491,7 @@ fn state_transitions(backend: &str, transport: Transport) {
         assert_eq!(send(short.to_vec()), 400u16.to_le_bytes());
     }
 
-    // Revoked: every transition is refused.
+    // Revoked: every transition is refused (the status alone: the key is gone).
     l.admin_ok(&["node", "revoke", &id.to_string()]);
     assert_eq!(
         send(state_frame(id, &key, StateCode::Online)),
@@ -535,7 +538,7 @@ fn bad_input_gets_its_reply_and_changes_nothing(backend: &str) {
     let mut bad_type = good;
     bad_type[80..84].copy_from_slice(&3u32.to_le_bytes());
     let mut bad_arch = good;
-    bad_arch[84..88].copy_from_slice(&0u32.to_le_bytes());
+    bad_arch[84..88].copy_from_slice(&3u32.to_le_bytes());
     let mut bad_pass = good;
     bad_pass[33] = b'!';
     for plain in [&bad_type[..], &bad_arch, &bad_pass, &good[..87]] {
@@ -624,6 +627,58 @@ fn several_requests_on_one_connection_and_split_writes(backend: &str) {
     assert_eq!(log.matches("outcome=\"created\"").count(), 3, "{log}");
     for secret in &secrets {
         assert!(!log.contains(secret.as_str()), "a secret reached the log");
+    }
+}
+
+/// The vectors `cstring_crlf_*` (fields as `ijamreg` sends them from a console with
+/// CRLF line ends: text, NUL, line end, stale bytes) and `arch0_*`, `arch1_*` (the
+/// architecture codes the original stored as `none`) register, as they did upstream.
+fn what_the_original_accepted_registers_c_strings_and_arch_0_and_1(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    l.create_network("vecnet2048", "alice");
+    for (name, passphrase) in [
+        ("crlf", "vecpass2"),
+        ("arch0", "vecpass3"),
+        ("arch1", "vecpass4"),
+    ] {
+        l.admin_ok(&[
+            "passphrase",
+            "add",
+            "vecnet2048",
+            "--node-name",
+            name,
+            "--passphrase",
+            passphrase,
+        ]);
+    }
+    for (vector, name, node_type, arch) in [
+        ("cstring_crlf", "crlf", "device", "x86_ubuntu"),
+        ("arch0", "arch0", "fog", "none"),
+        ("arch1", "arch1", "cloud", "none"),
+    ] {
+        let plain = crate::support::listener::vector(&format!("{vector}_request_plain.bin"));
+        let key: [u8; 32] = plain[48..80].try_into().unwrap();
+        let cipher =
+            crate::support::listener::vector(&format!("{vector}_request_cipher_rsa2048.bin"));
+        let id = decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &cipher), &key);
+        let node = l.node_json(id);
+        assert_eq!(
+            (
+                &node["name"],
+                &node["network"],
+                &node["node_type"],
+                &node["arch"]
+            ),
+            (
+                &serde_json::json!(name),
+                &serde_json::json!("vecnet2048"),
+                &serde_json::json!(node_type),
+                &serde_json::json!(arch)
+            ),
+            "{vector}"
+        );
     }
 }
 

@@ -121,8 +121,8 @@ impl Server {
         let peer = stream.peer_addr()?;
         let io_fail = |e: io::Error| self.tcp_failure(peer, name, port, &e);
         stream.write_all(&CERT_REQUEST).map_err(io_fail)?;
-        // The server keeps the connection open: read the padded minimum, and beyond it
-        // only while the PEM is still unfinished.
+        // The server keeps the connection open: read until the PEM's END line, the
+        // padded minimum, or the server's close, whichever comes first.
         let deadline = Instant::now() + self.timeout;
         let mut reply = Vec::with_capacity(CERT_REPLY_MIN_LEN);
         let mut buf = [0u8; 4096];
@@ -181,15 +181,17 @@ impl Server {
         }
     }
 
-    /// One state request (48 bytes); the reply is the 2-byte status.
+    /// One state request (48 bytes); the reply is the 2-byte status, and a reason
+    /// text after a refusal.
     pub fn state(&self, port: u16, transport: Transport, frame: &[u8]) -> Result<Vec<u8>> {
         let name = "state";
         match transport {
             Transport::Udp => self.udp_exchange(port, name, frame),
             Transport::Tcp => {
                 let mut stream = self.connect(port, name)?;
-                self.tcp_exchange(&mut stream, port, name, frame, |_| {
-                    Some(ijam::STATE_REPLY_LEN)
+                // A refusal carries the original's text after the status.
+                self.tcp_exchange(&mut stream, port, name, frame, |status| {
+                    (status == Status::OK).then_some(ijam::STATE_REPLY_LEN)
                 })
             }
         }
@@ -313,14 +315,15 @@ impl Server {
     }
 }
 
-/// The certificate reply is complete once the padded minimum is in and the PEM has
-/// ended (its END line, or NUL padding after it).
+/// The certificate reply is complete once the PEM has ended (its END line) or the
+/// padded minimum is in: the original servers send a 2048-bit key's 451-byte PEM
+/// unpadded and keep the connection open, Registrar pads to 800 bytes (what `ijamreg`
+/// reads).
 fn cert_reply_complete(reply: &[u8]) -> bool {
-    if reply.len() < CERT_REPLY_MIN_LEN {
-        return false;
-    }
     let text = &reply[..reply.iter().position(|&b| b == 0).unwrap_or(reply.len())];
-    text.len() < reply.len() || text.windows(PEM_END.len()).any(|w| w == PEM_END)
+    let padded = text.len() < reply.len();
+    text.windows(PEM_END.len()).any(|w| w == PEM_END)
+        || (padded && reply.len() >= CERT_REPLY_MIN_LEN)
 }
 
 /// One read that gives up at `deadline` (TimedOut).
@@ -436,16 +439,16 @@ mod tests {
     }
 
     #[test]
-    fn certificate_replies_end_at_the_padded_minimum_or_the_pem_end() {
+    fn certificate_replies_end_at_the_pem_end_or_the_padded_minimum() {
         let pem4096 = vector("cert_response_rsa4096.pem");
         assert_eq!(pem4096.len(), CERT_REPLY_MIN_LEN);
-        assert!(!cert_reply_complete(&pem4096[..799]));
+        assert!(!cert_reply_complete(&pem4096[..700]));
         assert!(cert_reply_complete(&pem4096));
+        // The original servers send a 2048-bit PEM unpadded and keep the socket open.
         let mut pem2048 = vector("cert_response_rsa2048.pem");
-        assert!(
-            !cert_reply_complete(&pem2048),
-            "short of the padded minimum"
-        );
+        assert_eq!(pem2048.len(), 451);
+        assert!(cert_reply_complete(&pem2048), "its END line is in");
+        assert!(!cert_reply_complete(&pem2048[..400]));
         pem2048.resize(CERT_REPLY_MIN_LEN, 0);
         assert!(cert_reply_complete(&pem2048));
         let mut long = vec![b'A'; CERT_REPLY_MIN_LEN + 10];

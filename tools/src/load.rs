@@ -465,7 +465,7 @@ async fn mint_on<S: Stores>(
         for i in chunk_start..chunk_start + n {
             let p = passphrase::generate()?;
             batch.push(NewPassphrase {
-                hash: storage.passphrase_hash(&network, &p),
+                passphrase: storage.store_passphrase(store.at_rest(), &network, &p),
                 node_name: format!("load-{}", i + 1),
                 expires_ms: None,
             });

@@ -145,7 +145,8 @@ struct RegisterArgs {
     /// Network id (1–16 printable ASCII characters).
     #[arg(long)]
     network: String,
-    /// One-time network passphrase (1–16 letters or digits); prefer the environment
+    /// One-time network passphrase (1–16 letters or digits; generated ones have 15, the
+    /// last two a check value this command verifies); prefer the environment
     /// variable, which other users cannot read from the process list.
     #[arg(long, env = "REGISTRAR_PASSPHRASE", hide_env_values = true)]
     passphrase: String,
@@ -273,6 +274,17 @@ fn register(args: &RegisterArgs) -> Result<Output> {
             format!("invalid passphrase: {e} (use 1–16 ASCII letters or digits)"),
         )
     })?;
+    let generated_len = registrar::core::crypto::passphrase::GENERATED_LEN;
+    if args.passphrase.len() == generated_len
+        && !registrar::core::crypto::passphrase::looks_generated(&args.passphrase)
+    {
+        // Typed passphrases may have this length too, so the server decides; but a
+        // generated one with a character mistyped is caught here, before it is spent.
+        eprintln!(
+            "note: a generated passphrase has {generated_len} characters and a check value; \
+             this one fails the check, so if it was generated, a character is mistyped"
+        );
+    }
     let state_file = &args.server.state_file;
     let previous = node_file::load(state_file)?;
     let node_key = NodeKey(random::bytes().context("no randomness for the node key")?);
@@ -349,7 +361,7 @@ fn change_state(args: &StateArgs) -> Result<Output> {
     let reply = server.state(args.state_port, args.server.transport(), &frame)?;
     let (status, rest) = parse_reply_status(&reply)
         .map_err(|e| fail(Kind::BadReply, format!("state reply: {e}")))?;
-    if !rest.is_empty() {
+    if status == Status::OK && !rest.is_empty() {
         return Err(fail(
             Kind::BadReply,
             format!(
@@ -361,7 +373,10 @@ fn change_state(args: &StateArgs) -> Result<Output> {
     }
     let to = StateCode::as_str(args.state);
     if status != Status::OK {
+        // A refusal may carry the server's reason (the original's texts).
+        let reason = ijam::reason_text(rest);
         let why = match status {
+            _ if !reason.is_empty() => reason.as_str(),
             Status::FORBIDDEN => "transition not allowed",
             Status::NOT_FOUND => "unknown node",
             Status::BAD_REQUEST => "bad request",

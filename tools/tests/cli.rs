@@ -855,3 +855,64 @@ fn the_pubkey_load_tool_pipelines_requests_and_counts_every_one() {
     let devices: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(devices.len(), 2 * 41 + 2 * 2);
 }
+
+/// A certificate server as the original: the 2048-bit PEM (451 bytes) unpadded, and the
+/// connection held open. The client reads to the PEM's END line and goes on.
+#[test]
+fn registers_against_a_certificate_server_that_sends_an_unpadded_pem_and_stays_open() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let pem = fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/vectors/ijam/cert_response_rsa2048.pem"),
+    )
+    .unwrap();
+    assert_eq!(pem.len(), 451);
+    let original = TcpListener::bind("127.0.0.1:0").unwrap();
+    let cert_port = original.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = original.accept().unwrap();
+        use std::io::{Read, Write};
+        let mut magic = [0u8; 4];
+        conn.read_exact(&mut magic).unwrap();
+        conn.write_all(&pem).unwrap();
+        // Held open until the client is done with it.
+        let mut rest = Vec::new();
+        let _ = conn.read_to_end(&mut rest);
+    });
+    let file = l.state_file("node.bin");
+    let passphrase = l.passphrase("net1", "n1");
+    let run = node(
+        &[
+            &["ijam", "register", "--server", "127.0.0.1"] as &[&str],
+            &["--cert-port", &cert_port.to_string()],
+            &["--reg-port", &l.reg.port().to_string()],
+            &["--network", "net1", "--passphrase", &passphrase],
+            &["--state-file", file.to_str().unwrap(), "--timeout", "20s"],
+        ]
+        .concat(),
+    )
+    .expect(0);
+    assert!(!uuid_of(&run).is_empty());
+    server.join().unwrap();
+}
+
+#[test]
+fn a_mistyped_generated_passphrase_is_pointed_out_before_it_is_sent() {
+    let l = Listener::start();
+    l.create_network("net1");
+    let good = l.passphrase("net1", "n1");
+    assert_eq!(good.len(), 15);
+    let mut typo = good.clone().into_bytes();
+    typo[3] = if typo[3] == b'x' { b'y' } else { b'x' };
+    let typo = String::from_utf8(typo).unwrap();
+    let file = l.state_file("node.bin");
+    let run = l.register("net1", &typo, &file, &[]).expect(3);
+    assert!(
+        run.stderr.contains("a character is mistyped"),
+        "{}",
+        run.stderr
+    );
+    let run = l.register("net1", &good, &file, &[]).expect(0);
+    assert!(!run.stderr.contains("mistyped"), "{}", run.stderr);
+}

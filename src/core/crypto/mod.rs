@@ -12,7 +12,9 @@ pub mod storage_key;
 
 pub use aes_cbc::{aes_cbc_decrypt, aes_cbc_encrypt};
 pub use rsa::{KeyRing, MAX_MODULUS_LEN, RsaKey, RsaPublicKey};
-pub use storage_key::{PassphraseHash, ReplayKey, SealedNodeKey, StorageKey};
+pub use storage_key::{
+    AtRest, PassphraseHash, ReplayKey, SealedNodeKey, StorageKey, StoredNodeKey, StoredPassphrase,
+};
 
 use super::random::RandomError;
 

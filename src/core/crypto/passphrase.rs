@@ -1,16 +1,17 @@
-//! Generated network passphrases: 16 alphanumeric characters, the last two a check
-//! value over the first fourteen (`schemas/ijam.md`, "Passphrases").
+//! Generated network passphrases: 15 alphanumeric characters — as many as the C client
+//! `ijamreg` reads (`fgets` into 16 bytes) — the last two a check value over the first
+//! thirteen (`schemas/ijam.md`, "Passphrases").
 //!
-//! The listener verifies the check value of every 16-character passphrase before
-//! any store lookup, so a mistyped or guessed full-length passphrase costs no store
-//! round trip. Typed passphrases of 1–15 characters (as the upstream portal allowed)
-//! carry no check value; a typed 16-character one must pass the check, which
-//! `passphrase add` enforces.
+//! The check value catches any single mistyped character: a typo never turns one
+//! generated passphrase into another, and `registrar-node` says so before it sends one.
+//! The listener cannot use it to refuse early: passphrases typed into the portal or
+//! `passphrase add --passphrase` (8–16 letters and digits) carry none, and a typed one
+//! may have the generated length.
 
 use crate::core::random::{self, RandomError};
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-const BODY_LEN: usize = 14;
+const BODY_LEN: usize = 13;
 /// Generated passphrases are this long: the body and two check characters.
 pub const GENERATED_LEN: usize = BODY_LEN + 2;
 
@@ -35,14 +36,17 @@ fn check_value(body: &[u8]) -> [u8; 2] {
     [ALPHABET[plain as usize], ALPHABET[weighted as usize]]
 }
 
-/// False only for a 16-character passphrase whose check value is wrong.
-pub fn check_value_ok(passphrase: &str) -> bool {
+/// Whether `passphrase` has the generated form: its length, and a check value that
+/// matches. False for a generated passphrase with any one character mistyped.
+pub fn looks_generated(passphrase: &str) -> bool {
     let bytes = passphrase.as_bytes();
-    bytes.len() != GENERATED_LEN || check_value(&bytes[..BODY_LEN]) == bytes[BODY_LEN..]
+    bytes.len() == GENERATED_LEN
+        && bytes.iter().all(u8::is_ascii_alphanumeric)
+        && check_value(&bytes[..BODY_LEN]) == bytes[BODY_LEN..]
 }
 
-/// 14 uniformly random base62 characters (rejection sampling over CSPRNG bytes,
-/// ~83 bits) and their check value.
+/// 13 uniformly random base62 characters (rejection sampling over CSPRNG bytes,
+/// ~77 bits) and their check value.
 pub fn generate() -> Result<String, RandomError> {
     let mut body = Vec::with_capacity(GENERATED_LEN);
     while body.len() < BODY_LEN {
@@ -63,27 +67,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn generated_passphrases_are_sixteen_alphanumerics_that_pass_their_check() {
+    fn generated_passphrases_are_fifteen_alphanumerics_that_pass_their_check() {
         for _ in 0..200 {
             let p = generate().unwrap();
-            let s = p.as_str();
-            assert_eq!(s.len(), 16);
-            assert!(s.bytes().all(|b| b.is_ascii_alphanumeric()));
-            assert!(check_value_ok(s));
+            assert_eq!(p.len(), 15, "what ijamreg can read");
+            assert!(p.bytes().all(|b| b.is_ascii_alphanumeric()));
+            assert!(looks_generated(&p));
         }
     }
 
     #[test]
-    fn every_single_character_substitution_of_a_fixed_passphrase_fails_the_check() {
-        let body = b"Registrar0fleet";
-        let good = [&body[..14], &check_value(&body[..14])].concat();
-        assert!(check_value_ok(std::str::from_utf8(&good).unwrap()));
-        for pos in 0..16 {
+    fn every_single_character_substitution_of_a_generated_passphrase_fails_the_check() {
+        let body = b"Registrar0flt";
+        let good = [&body[..], &check_value(body)].concat();
+        assert!(looks_generated(std::str::from_utf8(&good).unwrap()));
+        for pos in 0..GENERATED_LEN {
             for &c in ALPHABET.iter().filter(|&&c| c != good[pos]) {
                 let mut bad = good.clone();
                 bad[pos] = c;
                 assert!(
-                    !check_value_ok(std::str::from_utf8(&bad).unwrap()),
+                    !looks_generated(std::str::from_utf8(&bad).unwrap()),
                     "{pos} {c}"
                 );
             }
@@ -91,8 +94,8 @@ mod tests {
     }
 
     #[test]
-    fn short_typed_passphrases_carry_no_check() {
-        assert!(check_value_ok("alpha1"));
-        assert!(check_value_ok("abcdefghijklmno"));
+    fn other_lengths_do_not_look_generated() {
+        assert!(!looks_generated("alpha1"));
+        assert!(!looks_generated(&generate().unwrap()[..14]));
     }
 }

@@ -40,6 +40,43 @@ impl fmt::Debug for SealedNodeKey {
     }
 }
 
+/// How a store keeps passphrases and node keys: protected (keyed hashes, sealed keys:
+/// every native store), or in clear (the JAMScript-OTA portal's own Redis layout,
+/// whose web pages read them as typed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtRest {
+    Protected,
+    Clear,
+}
+
+/// A passphrase as a store keeps it. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoredPassphrase {
+    Hash(PassphraseHash),
+    Clear(String),
+}
+
+impl fmt::Debug for StoredPassphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoredPassphrase(..)")
+    }
+}
+
+/// A node key as a store keeps it. Never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoredNodeKey {
+    Sealed(SealedNodeKey),
+    Clear(NodeKey),
+    /// Erased (a revoked or expired node).
+    None,
+}
+
+impl fmt::Debug for StoredNodeKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("StoredNodeKey(..)")
+    }
+}
+
 /// A fresh AES-GCM nonce for one sealing, drawn by the caller (`core::random`).
 pub type SealNonce = [u8; aead::NONCE_LEN];
 
@@ -129,6 +166,41 @@ impl StorageKey {
         let mut sealed = nonce_bytes.to_vec();
         sealed.extend_from_slice(&in_out);
         Ok(SealedNodeKey(sealed))
+    }
+
+    /// `passphrase` of `network` as a store keeping secrets `at_rest` keeps it.
+    pub fn store_passphrase(
+        &self,
+        at_rest: AtRest,
+        network: &str,
+        passphrase: &str,
+    ) -> StoredPassphrase {
+        match at_rest {
+            AtRest::Protected => StoredPassphrase::Hash(self.passphrase_hash(network, passphrase)),
+            AtRest::Clear => StoredPassphrase::Clear(passphrase.to_owned()),
+        }
+    }
+
+    /// `key` as a store keeping secrets `at_rest` keeps it (sealed under `nonce`).
+    pub fn store_node_key(
+        &self,
+        at_rest: AtRest,
+        key: &NodeKey,
+        nonce: SealNonce,
+    ) -> Result<StoredNodeKey, CryptoError> {
+        match at_rest {
+            AtRest::Protected => self.seal_node_key(key, nonce).map(StoredNodeKey::Sealed),
+            AtRest::Clear => Ok(StoredNodeKey::Clear(key.clone())),
+        }
+    }
+
+    /// The node key a store kept; `Unseal` when it does not open or was erased.
+    pub fn node_key(&self, stored: &StoredNodeKey) -> Result<NodeKey, CryptoError> {
+        match stored {
+            StoredNodeKey::Sealed(sealed) => self.open_node_key(sealed),
+            StoredNodeKey::Clear(key) => Ok(key.clone()),
+            StoredNodeKey::None => Err(CryptoError::Unseal),
+        }
     }
 
     pub fn open_node_key(&self, sealed: &SealedNodeKey) -> Result<NodeKey, CryptoError> {

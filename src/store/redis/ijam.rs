@@ -14,7 +14,7 @@ use super::{RedisStore, field, int_field, tag, unexpected};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, TransitionOutcome,
+    RegisterOutcome, TransitionOutcome, protected_key, protected_passphrase, sealed_key,
 };
 
 /// Index entries remembered per listener, at most this many of each (a forgotten one
@@ -295,6 +295,48 @@ impl IjamStore for RedisStore {
         Ok(members.len() as u64)
     }
 
+    async fn import_node(&self, node: Node) -> Result<bool, StoreError> {
+        let Some(owner) = self.network_owner(&node.network, true).await? else {
+            return Err(StoreError::UnknownNetwork(node.network));
+        };
+        if self.claim(keys::node_owner(node.id), &owner).await? != *owner {
+            return Ok(false);
+        }
+        let slot = Owner(&owner);
+        let mut args = vec![node.network.clone(), node.id.hyphenated().to_string()];
+        for (field, value) in [
+            ("network", node.network.clone()),
+            ("owner", owner.to_string()),
+            ("name", node.name.clone()),
+            ("type", node.node_type.clone()),
+            ("arch", node.arch.clone()),
+            ("status", node.status.as_str().to_owned()),
+            ("key", hex::encode(protected_key(&node.key)?)),
+            ("ip", node.ip.clone()),
+            ("created_ms", node.created_ms.to_string()),
+            ("registered_ms", node.registered_ms.to_string()),
+            ("online_ms", node.online_ms.to_string()),
+        ] {
+            args.push(field.to_owned());
+            args.push(value);
+        }
+        let script_keys = [
+            slot.network(&node.network),
+            slot.nodes(),
+            slot.node(node.id),
+        ];
+        let reply = self
+            .inner
+            .run(&self.scripts.import_node, &script_keys, &args)
+            .await?;
+        match tag(&reply) {
+            "ok" => Ok(true),
+            "exists" => Ok(false),
+            "unknown_network" => Err(StoreError::UnknownNetwork(node.network)),
+            _ => Err(unexpected("import_node", &reply)),
+        }
+    }
+
     async fn add_passphrases(
         &self,
         network: &str,
@@ -308,7 +350,7 @@ impl IjamStore for RedisStore {
         let mut args = Vec::with_capacity(1 + 3 * batch.len());
         args.push(now_ms.to_string());
         for p in &batch {
-            args.push(hex::encode(p.hash.0));
+            args.push(hex::encode(protected_passphrase(&p.passphrase)?.0));
             args.push(p.expires_ms.map(|e| e.to_string()).unwrap_or_default());
             args.push(p.node_name.clone());
         }
@@ -412,14 +454,14 @@ impl IjamStore for RedisStore {
             }
             let args = [
                 op.network.clone(),
-                hex::encode(op.passphrase.0),
+                hex::encode(protected_passphrase(&op.passphrase)?.0),
                 op.now_ms.to_string(),
                 op.replay_ttl_ms.to_string(),
                 op.fresh_id.hyphenated().to_string(),
                 op.requested_id
                     .map(|id| id.hyphenated().to_string())
                     .unwrap_or_default(),
-                hex::encode(&op.sealed_key.0),
+                hex::encode(protected_key(&op.node_key)?),
                 op.node_type.to_owned(),
                 op.arch.to_owned(),
                 owner.to_string(),
@@ -663,7 +705,7 @@ fn parse_node(id: Uuid, record: &HashMap<String, String>) -> Result<Node, StoreE
         arch: field(&what, record, "arch")?.to_owned(),
         status: NodeStatus::parse(status)
             .ok_or_else(|| StoreError::Corrupt(format!("{what}: status {status:?}")))?,
-        sealed_key: SealedNodeKey(
+        key: sealed_key(
             hex::decode(key).map_err(|_| StoreError::Corrupt(format!("{what}: key is not hex")))?,
         ),
         ip: field(&what, record, "ip")?.to_owned(),

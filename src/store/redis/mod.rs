@@ -36,6 +36,7 @@ const CORRUPT_CODE: &str = "RGCORRUPT";
 struct Scripts {
     create_network: Script,
     delete_network: Script,
+    import_node: Script,
     add_passphrases: Script,
     revoke_passphrase: Script,
     register: Script,
@@ -56,6 +57,10 @@ pub const SCRIPTS: &[(&str, &str)] = &[
     (
         "ijam/delete_network.lua",
         include_str!("scripts/ijam/delete_network.lua"),
+    ),
+    (
+        "ijam/import_node.lua",
+        include_str!("scripts/ijam/import_node.lua"),
     ),
     (
         "ijam/add_passphrases.lua",
@@ -104,6 +109,7 @@ impl Scripts {
         Scripts {
             create_network: script("ijam/create_network.lua"),
             delete_network: script("ijam/delete_network.lua"),
+            import_node: script("ijam/import_node.lua"),
             add_passphrases: script("ijam/add_passphrases.lua"),
             revoke_passphrase: script("ijam/revoke_passphrase.lua"),
             register: script("ijam/register.lua"),

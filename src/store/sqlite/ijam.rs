@@ -10,7 +10,7 @@ use super::{Cached, OrUnavailable, SqliteStore};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, TransitionOutcome,
+    RegisterOutcome, TransitionOutcome, protected_key, protected_passphrase, sealed_key,
 };
 
 fn read_network(conn: &Connection, id: &str) -> Result<Option<Network>, StoreError> {
@@ -56,7 +56,7 @@ fn node_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Node, Store
         node_type: row.get(4)?,
         arch: row.get(5)?,
         status,
-        sealed_key: SealedNodeKey(row.get(7)?),
+        key: sealed_key(row.get(7)?),
         ip: row.get(8)?,
         created_ms: row.get(9)?,
         registered_ms: row.get(10)?,
@@ -100,6 +100,8 @@ const PASSPHRASE_LOOKUP: &str =
      WHERE p.network = ?1 AND p.hash = ?2 AND (p.expires_ms IS NULL OR p.expires_ms > ?3)";
 
 fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
+    let passphrase = protected_passphrase(&op.passphrase)?.0;
+    let node_key = protected_key(&op.node_key)?;
     sweep_replay(conn, op.now_ms)?;
     let replayed: Option<String> = conn
         .row(
@@ -117,7 +119,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
     let pending: Option<(String, Option<String>)> = conn
         .row(
             PASSPHRASE_LOOKUP,
-            params![op.network, op.passphrase.0, op.now_ms],
+            params![op.network, passphrase, op.now_ms],
             |row| Ok((row.get(0)?, row.get(1)?)),
         )
         .optional()
@@ -127,7 +129,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
     };
     conn.exec(
         "DELETE FROM ijam_passphrases WHERE network = ?1 AND hash = ?2",
-        params![op.network, op.passphrase.0],
+        params![op.network, passphrase],
     )
     .db()?;
 
@@ -142,7 +144,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                         name = ?5, network = ?6, registered_ms = ?7 WHERE id = ?1",
                 params![
                     id.to_string(),
-                    op.sealed_key.0,
+                    node_key,
                     op.node_type,
                     op.arch,
                     name,
@@ -170,7 +172,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                         name,
                         op.node_type,
                         op.arch,
-                        op.sealed_key.0,
+                        node_key,
                         op.now_ms
                     ],
                 )
@@ -220,6 +222,37 @@ impl IjamStore for SqliteStore {
                 return Err(StoreError::NetworkExists(id));
             }
             read_network(conn, &id)?.ok_or_else(|| StoreError::Corrupt("network vanished".into()))
+        })
+        .await
+    }
+
+    async fn import_node(&self, node: Node) -> Result<bool, StoreError> {
+        self.call(move |conn| {
+            if read_network(conn, &node.network)?.is_none() {
+                return Err(StoreError::UnknownNetwork(node.network));
+            }
+            let inserted = conn
+                .exec(
+                    "INSERT OR IGNORE INTO ijam_nodes (id, network, owner, name, type, arch, status,
+                         sealed_key, ip, created_ms, registered_ms, online_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                    params![
+                        node.id.to_string(),
+                        node.network,
+                        node.owner,
+                        node.name,
+                        node.node_type,
+                        node.arch,
+                        node.status.as_str(),
+                        protected_key(&node.key)?,
+                        node.ip,
+                        node.created_ms,
+                        node.registered_ms,
+                        node.online_ms
+                    ],
+                )
+                .db()?;
+            Ok(inserted == 1)
         })
         .await
     }
@@ -297,7 +330,13 @@ impl IjamStore for SqliteStore {
                     .exec(
                         "INSERT OR IGNORE INTO ijam_passphrases (network, hash, node_name, created_ms, expires_ms)
                          VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![network, p.hash.0, p.node_name, now_ms, p.expires_ms],
+                        params![
+                            network,
+                            protected_passphrase(&p.passphrase)?.0,
+                            p.node_name,
+                            now_ms,
+                            p.expires_ms
+                        ],
                     )
                     .db()?;
                 if inserted == 0 {
@@ -441,17 +480,19 @@ mod tests {
     use rusqlite::StatementStatus;
 
     use super::*;
-    use crate::store::ijam::{PassphraseHash, ReplayKey};
+    use crate::store::ijam::{
+        PassphraseHash, ReplayKey, SealedNodeKey, StoredNodeKey, StoredPassphrase,
+    };
 
     fn op(i: u8, now_ms: i64) -> RegisterOp {
         RegisterOp {
             network: "lab".into(),
-            passphrase: PassphraseHash([i; 32]),
+            passphrase: StoredPassphrase::Hash(PassphraseHash([i; 32])),
             replay_key: ReplayKey([i; 32]),
             replay_ttl_ms: 60_000,
             requested_id: None,
             fresh_id: Uuid::from_bytes([i; 16]),
-            sealed_key: SealedNodeKey(vec![i; 60]),
+            node_key: StoredNodeKey::Sealed(SealedNodeKey(vec![i; 60])),
             node_type: "device",
             arch: "x86_ubuntu",
             now_ms,

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use registrar::store::StoreError;
 use registrar::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PassphraseHash, PendingPassphrase,
-    RegisterOp, RegisterOutcome, ReplayKey, SealedNodeKey, TransitionOutcome,
+    RegisterOp, RegisterOutcome, ReplayKey, SealedNodeKey, StoredNodeKey, StoredPassphrase,
+    TransitionOutcome,
 };
 use uuid::Uuid;
 
@@ -32,7 +33,8 @@ crate::store::battery!(crate::store::ijam;
         transition_table,
         transition_unknown_node,
         revoke_node,
-        nodes_sorted;
+        nodes_sorted,
+        import_node_writes_a_node_as_it_stands;
     shared: concurrent_registrations,
 );
 
@@ -60,8 +62,14 @@ fn replay(label: &str) -> ReplayKey {
     ReplayKey(bytes(&format!("replay:{label}")))
 }
 
-fn sealed(label: &str) -> SealedNodeKey {
-    SealedNodeKey(bytes(&format!("key:{label}")).repeat(2)[..60].to_vec())
+fn sealed(label: &str) -> StoredNodeKey {
+    StoredNodeKey::Sealed(SealedNodeKey(
+        bytes(&format!("key:{label}")).repeat(2)[..60].to_vec(),
+    ))
+}
+
+fn stored(label: &str) -> StoredPassphrase {
+    StoredPassphrase::Hash(hash(label))
 }
 
 fn id(n: u128) -> Uuid {
@@ -70,7 +78,7 @@ fn id(n: u128) -> Uuid {
 
 fn pp(label: &str, node_name: &str, expires_ms: Option<i64>) -> NewPassphrase {
     NewPassphrase {
-        hash: hash(label),
+        passphrase: stored(label),
         node_name: node_name.to_owned(),
         expires_ms,
     }
@@ -80,12 +88,12 @@ fn pp(label: &str, node_name: &str, expires_ms: Option<i64>) -> NewPassphrase {
 fn op(network: &str, label: &str, fresh: Uuid) -> RegisterOp {
     RegisterOp {
         network: network.to_owned(),
-        passphrase: hash(label),
+        passphrase: stored(label),
         replay_key: replay(label),
         replay_ttl_ms: TTL,
         requested_id: None,
         fresh_id: fresh,
-        sealed_key: sealed(label),
+        node_key: sealed(label),
         node_type: "device",
         arch: "esp32",
         now_ms: NOW,
@@ -408,7 +416,7 @@ pub async fn register_creates_node<S: IjamStore>(s: &S) {
         node_type: "device".into(),
         arch: "esp32".into(),
         status: NodeStatus::Offline,
-        sealed_key: sealed("a"),
+        key: sealed("a"),
         ip: String::new(),
         created_ms: NOW,
         registered_ms: NOW,
@@ -545,7 +553,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
         node_type: "fog".into(),
         arch: "rpi_linux".into(),
         status: NodeStatus::Offline,
-        sealed_key: sealed("a"),
+        key: sealed("a"),
         registered_ms: NOW + 100,
         ..original.clone()
     };
@@ -571,7 +579,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
             network: "two".into(),
             name: "third".into(),
             status: NodeStatus::Offline,
-            sealed_key: sealed("c"),
+            key: sealed("c"),
             registered_ms: NOW + 200,
             ..original
         }
@@ -647,8 +655,8 @@ pub async fn register_replay<S: IjamStore>(s: &S) {
     );
     // Whatever else the op says, the replay key decides, and nothing changes.
     retry.fresh_id = id(2);
-    retry.sealed_key = sealed("other");
-    retry.passphrase = hash("b");
+    retry.node_key = sealed("other");
+    retry.passphrase = stored("b");
     assert_eq!(
         s.register(retry).await.unwrap(),
         RegisterOutcome::Replayed { node_id: id(1) }
@@ -691,14 +699,14 @@ pub async fn replay_expires<S: IjamStore>(s: &S) {
 }
 
 pub async fn transition_table<S: IjamStore>(s: &S) {
-    use NodeStatus::{Loading, Offline, Online, Revoked};
+    use NodeStatus::{Created, Expired, Loading, Offline, Online, Revoked};
     let all = [Offline, Online, Loading, Revoked];
     // DESIGN.md, state request: online from offline/online/loading; loading from
     // online; offline from offline/online/loading; revoked never by a transition.
     let allowed = |from: NodeStatus, to: NodeStatus| match to {
         Online | Offline => matches!(from, Offline | Online | Loading),
         Loading => from == Online,
-        Revoked => false,
+        _ => false,
     };
     network_with(s, "net", "alice", &[]).await;
     let mut n = 0;
@@ -725,6 +733,7 @@ pub async fn transition_table<S: IjamStore>(s: &S) {
                     s.transition(node_id, Loading, "", NOW + 2).await.unwrap();
                 }
                 Revoked => s.revoke_node(node_id).await.unwrap(),
+                Expired | Created => unreachable!("not in the table"),
             }
             let before = s.node(node_id).await.unwrap().unwrap();
             assert_eq!(before.status, from);
@@ -794,7 +803,7 @@ pub async fn revoke_node<S: IjamStore>(s: &S) {
         .await
         .unwrap();
     let before = s.node(node_id).await.unwrap().unwrap();
-    assert!(!before.sealed_key.0.is_empty());
+    assert!(matches!(&before.key, StoredNodeKey::Sealed(k) if !k.0.is_empty()));
 
     s.revoke_node(node_id).await.unwrap();
     let after = s.node(node_id).await.unwrap().unwrap();
@@ -802,7 +811,7 @@ pub async fn revoke_node<S: IjamStore>(s: &S) {
         after,
         Node {
             status: NodeStatus::Revoked,
-            sealed_key: SealedNodeKey(vec![]),
+            key: StoredNodeKey::None,
             ..before
         }
     );
@@ -914,4 +923,48 @@ pub async fn concurrent_registrations<S: IjamStore>(s: &Arc<S>) {
         (net.pending_passphrases, net.nodes),
         (0, PASSPHRASES as u64)
     );
+}
+
+/// `registrar migrate` writes nodes as they stand; an id already taken is left alone.
+pub async fn import_node_writes_a_node_as_it_stands<S: IjamStore>(s: &S) {
+    network_with(s, "net", "alice", &[]).await;
+    let node = Node {
+        id: id(7),
+        network: "net".into(),
+        owner: "alice".into(),
+        name: "migrated".into(),
+        node_type: "fog".into(),
+        arch: "none".into(),
+        status: NodeStatus::Online,
+        key: sealed("m"),
+        ip: "192.0.2.7".into(),
+        created_ms: NOW - 10,
+        registered_ms: NOW - 5,
+        online_ms: NOW - 1,
+    };
+    assert!(s.import_node(node.clone()).await.unwrap());
+    assert_eq!(s.node(id(7)).await.unwrap(), Some(node.clone()));
+    assert_eq!(s.nodes(Some("net")).await.unwrap(), vec![node.clone()]);
+    let other = Node {
+        name: "again".into(),
+        ..node.clone()
+    };
+    assert!(!s.import_node(other).await.unwrap(), "the id is taken");
+    assert_eq!(s.node(id(7)).await.unwrap(), Some(node.clone()));
+    assert!(matches!(
+        s.import_node(Node {
+            id: id(8),
+            network: "nowhere".into(),
+            ..node
+        })
+        .await,
+        Err(StoreError::UnknownNetwork(_))
+    ));
+    // It changes state like any other node.
+    assert!(matches!(
+        s.transition(id(7), NodeStatus::Offline, "", NOW)
+            .await
+            .unwrap(),
+        TransitionOutcome::Changed { .. }
+    ));
 }
