@@ -57,6 +57,15 @@ enum Command {
     /// List, inspect and revoke the devices of the pubkey flow (envelope port).
     #[command(subcommand)]
     Device(cli::pubkey::DeviceCommand),
+    /// Copy a JAMScript-OTA portal's Redis (networks, unused passphrases, nodes) into
+    /// --store, passphrases hashed and node keys sealed under this data dir's storage
+    /// key. The portal is only read; running it again copies only what is new.
+    ///
+    /// Run `registrar init` first (with the --store and --data-dir the listener will
+    /// use), then serve with them: nodes keep their ids and keys, pending passphrases
+    /// keep working. Nodes the portal would call expired (90 days after their last
+    /// registration) arrive expired, their key erased.
+    Migrate(cli::migrate::MigrateArgs),
 }
 
 /// The log filter from `REGISTRAR_LOG`: a level, or directives naming a target
@@ -136,6 +145,7 @@ fn main() -> ExitCode {
             Command::Node(cmd) => cli::ijam::node(&cli.common, cmd).await,
             Command::Key(cmd) => cli::ijam::key(&cli.common, cmd),
             Command::Device(cmd) => cli::pubkey::device(&cli.common, cmd).await,
+            Command::Migrate(args) => cli::migrate::migrate(&cli.common, args).await,
         }
     });
     match result {

@@ -3,6 +3,7 @@
 //! `--store`, so they work while a listener runs.
 
 pub mod ijam;
+pub mod migrate;
 pub mod output;
 pub mod pubkey;
 pub mod serve;
@@ -24,7 +25,9 @@ pub struct Common {
         default_value = "./registrar-data"
     )]
     pub data_dir: PathBuf,
-    /// `sqlite` (the embedded store in --data-dir) or `redis://host:port/db`.
+    /// `sqlite` (the embedded store in --data-dir), `redis://host:port/db`, or
+    /// `ota+redis://host:port/db`: a JAMScript-OTA portal's Redis, served in the
+    /// portal's own layout (secrets in clear, as the portal keeps them; see `migrate`).
     #[arg(long, global = true, env = "REGISTRAR_STORE", default_value = "sqlite")]
     pub store: String,
     /// Print machine-readable JSON instead of tables (admin commands).

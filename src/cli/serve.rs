@@ -16,7 +16,7 @@ use registrar::flow::ijam::IjamFlow;
 use registrar::server::envelope::{EnvelopeFlows, EnvelopeServer, EnvelopeSockets};
 use registrar::server::pool::CryptoPool;
 use registrar::server::{ConnectionLimit, IjamServer, IjamSockets, ServerConfig};
-use registrar::store::ijam::IjamStore;
+use registrar::store::ijam::{AtRest, IjamStore};
 use registrar::store::{Creation, Stores};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -350,6 +350,9 @@ async fn listen<S: Stores>(
     tracker.spawn(registrar::server::metrics::report_refusals(cancel.clone()));
     tracker.close();
 
+    if flow.store().at_rest() == AtRest::Clear {
+        warn!(store = %store_url, "this store keeps passphrases and node keys in clear, as the JAMScript-OTA portal does; `registrar migrate` copies it into a native store that does not");
+    }
     info!(store = %store_url, rsa_bits = flow.keys().current().bits(), crypto_threads = threads, crypto_nice = args.crypto_nice, io_threads = args.io_threads(), "registrar started");
     // Stable line: tests and scripts read the bound ports from it.
     println!("registrar listening {ports} store={store_url}");

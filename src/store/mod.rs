@@ -49,6 +49,9 @@ pub enum StoreError {
     UnknownNode(Uuid),
     #[error("device {0} does not exist")]
     UnknownDevice(DeviceId),
+    /// What this store's layout cannot keep (the portal's: passphrase expiry).
+    #[error("{0}")]
+    Unsupported(String),
     /// The store holds data this version cannot read (hand-edited, or newer schema).
     #[error("corrupt store record: {0}")]
     Corrupt(String),
@@ -70,6 +73,9 @@ pub enum StoreUrl {
     Sqlite,
     /// A Redis server: `redis://`, `rediss://` or `redis+unix://`.
     Redis(String),
+    /// The JAMScript-OTA portal's Redis, in its own layout: `ota+redis://host:port/db`
+    /// (held here as the `redis://` URL to connect to).
+    Portal(String),
 }
 
 impl StoreUrl {
@@ -83,10 +89,16 @@ impl StoreUrl {
         {
             return Ok(StoreUrl::Redis(spec.to_owned()));
         }
+        if let Some(rest) = spec.strip_prefix("ota+") {
+            return Ok(StoreUrl::Portal(rest.to_owned()));
+        }
         let scheme = spec.split_once("://").map_or(spec, |(scheme, _)| scheme);
         Err(StoreError::Unavailable {
             url: redis::redact_url(spec),
-            cause: format!("unknown store {scheme:?}: use `sqlite` or a redis://host:port/db URL"),
+            cause: format!(
+                "unknown store {scheme:?}: use `sqlite`, a redis://host:port/db URL, or \
+                 ota+redis://host:port/db for a JAMScript-OTA portal's Redis"
+            ),
         })
     }
 }
@@ -105,6 +117,10 @@ macro_rules! with_store {
             }
             $crate::store::StoreUrl::Redis(url) => {
                 let store = $crate::store::redis::RedisStore::connect(&url).await?;
+                $run(store, $($arg),*).await
+            }
+            $crate::store::StoreUrl::Portal(url) => {
+                let store = $crate::store::redis::portal::PortalStore::connect(&url).await?;
                 $run(store, $($arg),*).await
             }
         }

@@ -106,6 +106,10 @@ macro_rules! ijam_battery {
         mod redis {
             $(#[test] fn $test() { super::$test("redis") })*
         }
+        /// The JAMScript-OTA portal's own layout (`ota+redis://`): the wire is the same.
+        mod portal {
+            $(#[test] fn $test() { super::$test("portal") })*
+        }
     };
 }
 

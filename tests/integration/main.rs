@@ -6,6 +6,7 @@ mod envelope;
 mod faults;
 mod ijam;
 mod operator;
+mod portal;
 mod repository;
 mod schemas;
 mod secrets;

@@ -100,6 +100,66 @@ pub fn used_nonce(id: DeviceId, nonce: &[u8; 32]) -> String {
     format!("rg:{{dev:{id}}}:nonce:{}", hex::encode(nonce))
 }
 
+/// The JAMScript-OTA portal's keys, as its web pages and servers name them: one
+/// Redis, no hash tags (`schemas/redis-keys.md`, "The portal's layout").
+pub mod portal {
+    use uuid::Uuid;
+
+    /// A network: hash `name`, `createdOn`, `username`.
+    pub fn network(id: &str) -> String {
+        format!("network:{id}")
+    }
+
+    /// SCAN pattern of every network key, and of its sets (told apart by suffix).
+    pub const NETWORKS: &str = "network:*";
+
+    /// The suffixes of a network's own sets and hashes, which `NETWORKS` also matches.
+    pub const NETWORK_PARTS: [&str; 3] = [":passphrases", ":passphraseNames", ":nodes"];
+
+    /// The owner's networks: a set of ids.
+    pub fn user_networks(username: &str) -> String {
+        format!("user:{username}:networks")
+    }
+
+    /// Pending passphrases, as typed: a set.
+    pub fn passphrases(network: &str) -> String {
+        format!("network:{network}:passphrases")
+    }
+
+    /// Passphrase → node name: a hash.
+    pub fn passphrase_names(network: &str) -> String {
+        format!("network:{network}:passphraseNames")
+    }
+
+    /// The network's node ids: a set.
+    pub fn nodes(network: &str) -> String {
+        format!("network:{network}:nodes")
+    }
+
+    /// A node: hash `status`, `name`, `type`, `arch`, `encKey`, `ip`, `createdOn`,
+    /// `lastRegisteredOn`, `lastOnlineOn`, `networkId`, `username`.
+    pub fn node(id: Uuid) -> String {
+        format!("node:{}", id.hyphenated())
+    }
+
+    /// SCAN pattern of every node key.
+    pub const NODES: &str = "node:*";
+
+    /// Registrar's own addition: the answer to a registration, for its byte-identical
+    /// retries (the portal never reads it).
+    pub fn replay(network: &str, replay_key: &[u8; 32]) -> String {
+        format!("registrar:replay:{network}:{}", hex::encode(replay_key))
+    }
+
+    /// SCAN pattern of every replay record of `network`.
+    pub fn replays(network: &str) -> String {
+        format!(
+            "{}*",
+            super::super::glob_escape(&format!("registrar:replay:{network}:"))
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

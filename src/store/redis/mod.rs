@@ -13,6 +13,7 @@
 
 mod ijam;
 pub mod keys;
+pub mod portal;
 mod pubkey;
 
 use std::collections::HashMap;
@@ -81,6 +82,34 @@ pub const SCRIPTS: &[(&str, &str)] = &[
     (
         "ijam/revoke_node.lua",
         include_str!("scripts/ijam/revoke_node.lua"),
+    ),
+    (
+        "portal/create_network.lua",
+        include_str!("scripts/portal/create_network.lua"),
+    ),
+    (
+        "portal/delete_network.lua",
+        include_str!("scripts/portal/delete_network.lua"),
+    ),
+    (
+        "portal/add_passphrases.lua",
+        include_str!("scripts/portal/add_passphrases.lua"),
+    ),
+    (
+        "portal/revoke_passphrase.lua",
+        include_str!("scripts/portal/revoke_passphrase.lua"),
+    ),
+    (
+        "portal/register.lua",
+        include_str!("scripts/portal/register.lua"),
+    ),
+    (
+        "portal/transition.lua",
+        include_str!("scripts/portal/transition.lua"),
+    ),
+    (
+        "portal/revoke_node.lua",
+        include_str!("scripts/portal/revoke_node.lua"),
     ),
     (
         "pubkey/register_device.lua",

@@ -27,6 +27,8 @@ pub fn vector(name: &str) -> Vec<u8> {
 pub enum Backend {
     Sqlite,
     Redis(PrivateRedis),
+    /// A private Redis served in the JAMScript-OTA portal's layout (`ota+redis://`).
+    Portal(PrivateRedis),
     /// A store another listener owns (e.g. a second listener on the same Redis).
     Shared(String),
 }
@@ -37,6 +39,7 @@ impl Backend {
         match name {
             "sqlite" => Some(Backend::Sqlite),
             "redis" => PrivateRedis::start().map(Backend::Redis),
+            "portal" => PrivateRedis::start().map(Backend::Portal),
             other => panic!("unknown backend {other}"),
         }
     }
@@ -45,6 +48,7 @@ impl Backend {
         match self {
             Backend::Sqlite => "sqlite".into(),
             Backend::Redis(redis) => redis.url(),
+            Backend::Portal(redis) => format!("ota+{}", redis.url()),
             Backend::Shared(url) => url.clone(),
         }
     }
@@ -266,7 +270,7 @@ impl Listener {
     /// The private Redis behind this listener, if it runs on one.
     pub fn redis(&mut self) -> Option<&mut PrivateRedis> {
         match &mut self._backend {
-            Backend::Redis(redis) => Some(redis),
+            Backend::Redis(redis) | Backend::Portal(redis) => Some(redis),
             Backend::Sqlite | Backend::Shared(_) => None,
         }
     }
