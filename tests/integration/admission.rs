@@ -86,22 +86,7 @@ fn a_full_crypto_queue_sheds_tcp_with_503_and_counts_it() {
     // One crypto thread and no queue: while it decrypts, every other request is shed.
     let (l, metrics) = start(&["--crypto-threads", "1", "--crypto-queue", "0"]);
     let ct = bogus_request(&l);
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(64));
-    let handles: Vec<_> = (0..64)
-        .map(|_| {
-            let (ct, barrier, addr) = (ct.clone(), barrier.clone(), l.ports.reg_tcp);
-            std::thread::spawn(move || {
-                let mut stream = connect(addr);
-                barrier.wait();
-                stream.write_all(&ct).unwrap();
-                stream.shutdown(std::net::Shutdown::Write).unwrap();
-                let mut reply = Vec::new();
-                stream.read_to_end(&mut reply).unwrap();
-                reply
-            })
-        })
-        .collect();
-    let replies: Vec<Vec<u8>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let replies = tcp_exchange_all_at_once(l.ports.reg_tcp, vec![ct.clone(); 64]);
     let shed = replies.iter().filter(|r| r.as_slice() == BUSY).count();
     let served = replies.iter().filter(|r| r.as_slice() == REPLY_401).count();
     assert_eq!(shed + served, 64, "every request gets its reply");

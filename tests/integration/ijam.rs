@@ -351,36 +351,17 @@ fn two_hundred_clients_race_for_twenty_passphrases(backend: &str) {
     let passphrases: Vec<String> = out.lines().map(str::to_owned).collect();
     assert_eq!(passphrases.len(), 20);
     let pk = public_key(l.ports.cert);
-    let requests: Vec<(Vec<u8>, [u8; 32])> = (0..200)
+    let (requests, keys): (Vec<Vec<u8>>, Vec<[u8; 32]>) = (0..200)
         .map(|i| {
             let key = random_key();
             let req = request(None, "race", &passphrases[i % 20], key);
             (pk.encrypt(&req.to_bytes()).unwrap(), key)
         })
-        .collect();
-    // All 200 connect first, then all send at once.
-    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
-    let addr = l.ports.reg_tcp;
-    let handles: Vec<_> = requests
-        .into_iter()
-        .map(|(ct, key)| {
-            let barrier = std::sync::Arc::clone(&barrier);
-            std::thread::spawn(move || {
-                let mut stream = connect(addr);
-                barrier.wait();
-                use std::io::{Read, Write};
-                stream.write_all(&ct).unwrap();
-                stream.shutdown(std::net::Shutdown::Write).unwrap();
-                let mut reply = Vec::new();
-                stream.read_to_end(&mut reply).unwrap();
-                (reply, key)
-            })
-        })
-        .collect();
+        .unzip();
+    let replies = tcp_exchange_all_at_once(l.ports.reg_tcp, requests);
     let mut ids = Vec::new();
     let mut refused = 0;
-    for h in handles {
-        let (reply, key) = h.join().unwrap();
+    for (reply, key) in replies.into_iter().zip(keys) {
         if reply == REPLY_401 {
             refused += 1;
         } else {

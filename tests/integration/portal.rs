@@ -5,8 +5,6 @@
 //! The wire behaviour on this layout is `ijam.rs`'s battery (its `portal` module).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::sync::{Arc, Barrier};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use redis::Commands;
@@ -415,28 +413,16 @@ fn fifty_racers_for_one_passphrase_give_one_node() {
     portal.network("race", "Race", "alice", now_ms());
     portal.passphrase("race", "onlyone1", "winner");
     let pk = public_key(l.ports.cert);
-    let barrier = Arc::new(Barrier::new(50));
-    let racers: Vec<_> = (0..50)
+    let (requests, keys): (Vec<Vec<u8>>, Vec<[u8; 32]>) = (0..50)
         .map(|_| {
             let key = random_key();
-            let ct = pk
-                .encrypt(&request(None, "race", "onlyone1", key).to_bytes())
-                .unwrap();
-            let (barrier, addr) = (Arc::clone(&barrier), l.ports.reg_tcp);
-            std::thread::spawn(move || {
-                let mut stream = connect(addr);
-                barrier.wait();
-                stream.write_all(&ct).unwrap();
-                stream.shutdown(std::net::Shutdown::Write).unwrap();
-                let mut reply = Vec::new();
-                stream.read_to_end(&mut reply).unwrap();
-                (reply, key)
-            })
+            let req = request(None, "race", "onlyone1", key);
+            (pk.encrypt(&req.to_bytes()).unwrap(), key)
         })
-        .collect();
+        .unzip();
+    let replies = tcp_exchange_all_at_once(l.ports.reg_tcp, requests);
     let mut winners = Vec::new();
-    for racer in racers {
-        let (reply, key) = racer.join().unwrap();
+    for (reply, key) in replies.into_iter().zip(keys) {
         if reply != REPLY_401 {
             winners.push(decode_reply_upstream(&reply, &key));
         }

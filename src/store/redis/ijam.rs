@@ -363,16 +363,7 @@ impl IjamStore for RedisStore {
             .inner
             .run(&self.scripts.add_passphrases, &script_keys, &args)
             .await?;
-        match (tag(&reply), reply.get(1)) {
-            ("ok", _) => Ok(()),
-            ("unknown_network", _) => Err(StoreError::UnknownNetwork(network.to_owned())),
-            ("name_taken", Some(name)) => Err(StoreError::PassphraseNameTaken {
-                network: network.to_owned(),
-                node_name: name.clone(),
-            }),
-            ("hash_taken", _) => Err(StoreError::PassphraseTaken(network.to_owned())),
-            _ => Err(unexpected("add_passphrases", &reply)),
-        }
+        passphrases_added("add_passphrases", &reply, network)
     }
 
     async fn passphrases(&self, network: &str) -> Result<Vec<PendingPassphrase>, StoreError> {
@@ -415,15 +406,7 @@ impl IjamStore for RedisStore {
                 &[node_name.to_owned()],
             )
             .await?;
-        match tag(&reply) {
-            "ok" => Ok(()),
-            "unknown_network" => Err(StoreError::UnknownNetwork(network.to_owned())),
-            "unknown_name" => Err(StoreError::UnknownPassphraseName {
-                network: network.to_owned(),
-                node_name: node_name.to_owned(),
-            }),
-            _ => Err(unexpected("revoke_passphrase", &reply)),
-        }
+        passphrase_revoked("revoke_passphrase", &reply, network, node_name)
     }
 
     async fn register(&self, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
@@ -604,21 +587,11 @@ impl IjamStore for RedisStore {
             .inner
             .run(&self.scripts.transition, &[Owner(&owner).node(id)], &args)
             .await?;
-        let from = || {
-            reply
-                .get(1)
-                .and_then(|s| NodeStatus::parse(s))
-                .ok_or_else(|| StoreError::Corrupt(format!("node {id}: status {:?}", reply.get(1))))
-        };
-        match tag(&reply) {
-            "unknown" => {
-                forget(&self.ijam.node_owners, &id);
-                Ok(TransitionOutcome::UnknownNode)
-            }
-            "changed" => Ok(TransitionOutcome::Changed { from: from()? }),
-            "not_allowed" => Ok(TransitionOutcome::NotAllowed { from: from()? }),
-            _ => Err(unexpected("transition", &reply)),
+        let outcome = transitioned("transition", &reply, id)?;
+        if outcome == TransitionOutcome::UnknownNode {
+            forget(&self.ijam.node_owners, &id);
         }
+        Ok(outcome)
     }
 
     async fn revoke_node(&self, id: Uuid) -> Result<(), StoreError> {
@@ -634,6 +607,62 @@ impl IjamStore for RedisStore {
             "unknown" => Err(StoreError::UnknownNode(id)),
             _ => Err(unexpected("revoke_node", &reply)),
         }
+    }
+}
+
+/// The reply of an add_passphrases script (native and portal layouts alike).
+pub(super) fn passphrases_added(
+    script: &str,
+    reply: &[String],
+    network: &str,
+) -> Result<(), StoreError> {
+    match (tag(reply), reply.get(1)) {
+        ("ok", _) => Ok(()),
+        ("unknown_network", _) => Err(StoreError::UnknownNetwork(network.to_owned())),
+        ("name_taken", Some(name)) => Err(StoreError::PassphraseNameTaken {
+            network: network.to_owned(),
+            node_name: name.clone(),
+        }),
+        ("passphrase_taken", _) => Err(StoreError::PassphraseTaken(network.to_owned())),
+        _ => Err(unexpected(script, reply)),
+    }
+}
+
+/// The reply of a revoke_passphrase script.
+pub(super) fn passphrase_revoked(
+    script: &str,
+    reply: &[String],
+    network: &str,
+    node_name: &str,
+) -> Result<(), StoreError> {
+    match tag(reply) {
+        "ok" => Ok(()),
+        "unknown_network" => Err(StoreError::UnknownNetwork(network.to_owned())),
+        "unknown_name" => Err(StoreError::UnknownPassphraseName {
+            network: network.to_owned(),
+            node_name: node_name.to_owned(),
+        }),
+        _ => Err(unexpected(script, reply)),
+    }
+}
+
+/// The reply of a transition script.
+pub(super) fn transitioned(
+    script: &str,
+    reply: &[String],
+    id: Uuid,
+) -> Result<TransitionOutcome, StoreError> {
+    let from = || {
+        reply
+            .get(1)
+            .and_then(|s| NodeStatus::parse(s))
+            .ok_or_else(|| StoreError::Corrupt(format!("node {id}: status {:?}", reply.get(1))))
+    };
+    match tag(reply) {
+        "unknown" => Ok(TransitionOutcome::UnknownNode),
+        "changed" => Ok(TransitionOutcome::Changed { from: from()? }),
+        "not_allowed" => Ok(TransitionOutcome::NotAllowed { from: from()? }),
+        _ => Err(unexpected(script, reply)),
     }
 }
 

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use redis::Script;
 use uuid::Uuid;
 
+use super::ijam::{passphrase_revoked, passphrases_added, transitioned};
 use super::keys::portal as keys;
 use super::{RedisStore, field, tag, unexpected};
 use crate::core::ids::{DeviceId, NodeKey};
@@ -333,16 +334,7 @@ impl IjamStore for PortalStore {
             .inner
             .run(&self.scripts.add_passphrases, &script_keys, &args)
             .await?;
-        match (tag(&reply), reply.get(1)) {
-            ("ok", _) => Ok(()),
-            ("unknown_network", _) => Err(StoreError::UnknownNetwork(network.to_owned())),
-            ("name_taken", Some(name)) => Err(StoreError::PassphraseNameTaken {
-                network: network.to_owned(),
-                node_name: name.clone(),
-            }),
-            ("passphrase_taken", _) => Err(StoreError::PassphraseTaken(network.to_owned())),
-            _ => Err(unexpected("portal/add_passphrases", &reply)),
-        }
+        passphrases_added("portal/add_passphrases", &reply, network)
     }
 
     async fn passphrases(&self, network: &str) -> Result<Vec<PendingPassphrase>, StoreError> {
@@ -384,15 +376,7 @@ impl IjamStore for PortalStore {
                 &[node_name.to_owned()],
             )
             .await?;
-        match tag(&reply) {
-            "ok" => Ok(()),
-            "unknown_network" => Err(StoreError::UnknownNetwork(network.to_owned())),
-            "unknown_name" => Err(StoreError::UnknownPassphraseName {
-                network: network.to_owned(),
-                node_name: node_name.to_owned(),
-            }),
-            _ => Err(unexpected("portal/revoke_passphrase", &reply)),
-        }
+        passphrase_revoked("portal/revoke_passphrase", &reply, network, node_name)
     }
 
     async fn register(&self, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
@@ -534,18 +518,7 @@ impl IjamStore for PortalStore {
             .inner
             .run(&self.scripts.transition, &[keys::node(id)], &args)
             .await?;
-        let from = || {
-            reply
-                .get(1)
-                .and_then(|s| NodeStatus::parse(s))
-                .ok_or_else(|| StoreError::Corrupt(format!("node:{id}: status {:?}", reply.get(1))))
-        };
-        match tag(&reply) {
-            "unknown" => Ok(TransitionOutcome::UnknownNode),
-            "changed" => Ok(TransitionOutcome::Changed { from: from()? }),
-            "not_allowed" => Ok(TransitionOutcome::NotAllowed { from: from()? }),
-            _ => Err(unexpected("portal/transition", &reply)),
-        }
+        transitioned("portal/transition", &reply, id)
     }
 
     async fn revoke_node(&self, id: Uuid) -> Result<(), StoreError> {

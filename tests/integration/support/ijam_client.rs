@@ -113,3 +113,25 @@ pub fn state_frame_from_block(node_id: Uuid, key: &[u8; 32], block: [u8; 16]) ->
     let iv: [u8; 16] = random::bytes().unwrap();
     registrar::client::seal_state_block(node_id, &NodeKey(*key), iv, block).to_vec()
 }
+
+/// Each request on a connection of its own, all connected first and sent at once (a
+/// barrier); the replies in request order.
+pub fn tcp_exchange_all_at_once(addr: SocketAddr, requests: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(requests.len()));
+    let senders: Vec<_> = requests
+        .into_iter()
+        .map(|bytes| {
+            let barrier = std::sync::Arc::clone(&barrier);
+            std::thread::spawn(move || {
+                let mut stream = connect(addr);
+                barrier.wait();
+                stream.write_all(&bytes).unwrap();
+                stream.shutdown(Shutdown::Write).unwrap();
+                let mut reply = Vec::new();
+                stream.read_to_end(&mut reply).unwrap();
+                reply
+            })
+        })
+        .collect();
+    senders.into_iter().map(|s| s.join().unwrap()).collect()
+}

@@ -3,7 +3,7 @@
 -- KEYS[1] rg:{own:<o>}:net:<id>   KEYS[2] …:net:<id>:pp   KEYS[3] …:net:<id>:ppnames
 -- ARGV[1] created_ms, then one triple per passphrase:
 --   hash (64 lowercase hex), expires_ms (decimal, or '' for never), node_name
--- Reply: {'ok'} | {'unknown_network'} | {'name_taken', node_name} | {'hash_taken'}
+-- Reply: {'ok'} | {'unknown_network'} | {'name_taken', node_name} | {'passphrase_taken'}
 -- Every check runs before the first write, so a refused batch leaves no trace.
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return {'unknown_network'}
@@ -15,7 +15,7 @@ for i = 2, #ARGV, 3 do
     return {'name_taken', name}
   end
   if hashes[hash] or redis.call('HEXISTS', KEYS[2], hash) == 1 then
-    return {'hash_taken'}
+    return {'passphrase_taken'}
   end
   names[name] = true
   hashes[hash] = true
