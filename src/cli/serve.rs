@@ -347,7 +347,7 @@ async fn listen<S: Stores>(
         args.rsa_bits,
         cancel.clone(),
     ));
-    tracker.spawn(registrar::server::metrics::report_refusals(cancel.clone()));
+    tracker.spawn(registrar::server::metrics::report(cancel.clone()));
     tracker.close();
 
     if flow.store().at_rest() == AtRest::Clear {

@@ -31,6 +31,15 @@ pub fn hello_frame(request_id: u32) -> Vec<u8> {
     request_frame(Flow::CORE, HELLO, request_id, &[])
 }
 
+/// Zero bytes a Hello carries over UDP, so that its reply stays within 3x the request
+/// (the UDP rules): 84 bytes in, up to 252 back.
+pub const UDP_HELLO_PADDING: usize = 64;
+
+/// A Hello padded with [`UDP_HELLO_PADDING`] zero bytes, as sent over UDP.
+pub fn padded_hello_frame(request_id: u32) -> Vec<u8> {
+    request_frame(Flow::CORE, HELLO, request_id, &[0; UDP_HELLO_PADDING])
+}
+
 /// A signed Register request: `key`'s SPKI under `device_id`, proven by a signature
 /// over `"registrar/pubkey/register/v1" ‖ device_id ‖ spki`.
 pub fn register_request(

@@ -43,11 +43,9 @@ impl EnvelopeFlow for CoreFlow {
 
     fn parse(&self, kind: Kind, payload: &[u8]) -> Result<CoreRequest, DecodeError> {
         match kind {
-            HELLO if payload.is_empty() => Ok(CoreRequest::Hello),
-            HELLO => Err(DecodeError::Length {
-                expected: 0,
-                got: payload.len(),
-            }),
+            // Zero bytes pad a request over UDP up to a third of its reply's size.
+            HELLO if payload.iter().all(|&b| b == 0) => Ok(CoreRequest::Hello),
+            HELLO => Err(DecodeError::Invalid { field: "padding" }),
             other => Err(DecodeError::Unknown {
                 field: "kind",
                 value: other.0.into(),
@@ -117,7 +115,12 @@ mod tests {
             (hello.max_payload, hello.signing_key),
             (4096, vec![1, 2, 3])
         );
-        assert!(core.parse(HELLO, &[0]).is_err());
+        assert_eq!(
+            core.parse(HELLO, &[0; 64]),
+            Ok(CoreRequest::Hello),
+            "padding"
+        );
+        assert!(core.parse(HELLO, &[0, 1]).is_err());
         assert!(core.parse(Kind(2), &[]).is_err());
     }
 }

@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use super::Transport;
 use crate::flow::Refusal;
 
 /// Sources tracked before idle (full) buckets are swept out.
@@ -67,22 +68,32 @@ impl RateLimiter {
 }
 
 /// The per-source budget of one port (or of one kind of work): a token bucket per
-/// address, or nothing when the rate is 0.
+/// address and transport, or nothing when the rate is 0. TCP and UDP have buckets of
+/// their own: a TCP source proved its address in the handshake, a UDP one did not, so
+/// datagrams spoofed "from" a client cannot spend its TCP budget.
 #[derive(Debug)]
 pub struct Admission {
-    limiter: Option<RateLimiter>,
+    tcp: Option<RateLimiter>,
+    udp: Option<RateLimiter>,
 }
 
 impl Admission {
     pub fn new(rate: f64, burst: u32) -> Self {
         Admission {
-            limiter: RateLimiter::new(rate, burst),
+            tcp: RateLimiter::new(rate, burst),
+            udp: RateLimiter::new(rate, burst),
         }
     }
 
-    /// Spends one token of `source`'s budget, or refuses.
-    pub fn admit(&self, source: IpAddr, now: Instant) -> Result<(), Refusal> {
-        match &self.limiter {
+    /// Spends one token of `source`'s budget on `transport`, or refuses. Call it only
+    /// for a request past the cheap checks (length, framing, CRC): garbage must not
+    /// spend a source's budget.
+    pub fn admit(&self, source: IpAddr, transport: Transport, now: Instant) -> Result<(), Refusal> {
+        let limiter = match transport {
+            Transport::Tcp => &self.tcp,
+            Transport::Udp => &self.udp,
+        };
+        match limiter {
             Some(limiter) if !limiter.admit(source, now) => Err(Refusal::RateLimited),
             _ => Ok(()),
         }
@@ -110,6 +121,18 @@ mod tests {
         let t2 = t1 + Duration::from_secs(60);
         assert!((0..3).all(|_| limiter.admit(a, t2)));
         assert!(!limiter.admit(a, t2));
+    }
+
+    #[test]
+    fn tcp_and_udp_budgets_are_apart() {
+        let admission = Admission::new(1.0, 2);
+        let (source, t0) = ("10.0.0.1".parse().unwrap(), Instant::now());
+        assert!((0..2).all(|_| admission.admit(source, Transport::Udp, t0).is_ok()));
+        assert_eq!(
+            admission.admit(source, Transport::Udp, t0),
+            Err(Refusal::RateLimited)
+        );
+        assert!(admission.admit(source, Transport::Tcp, t0).is_ok());
     }
 
     #[test]

@@ -29,12 +29,12 @@ use tokio::task::JoinSet;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::admission::Admission;
-use super::listen::{BindError, accept_loop, bind_pair, serve_datagrams};
+use super::listen::{BindError, DatagramPort, accept_loop, bind_pair, serve_datagrams};
 use super::pool::CryptoPool;
-use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics};
+use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics, rejected};
 use crate::codec::{EnvelopeCodec, EnvelopeCodecError, EnvelopeFrame};
 use crate::core::crypto::StorageKey;
 use crate::core::crypto::ecdsa::SigningKey;
@@ -44,7 +44,7 @@ use crate::flow::pubkey::PubkeyFlow;
 use crate::flow::{Context, EnvelopeFlow, Failure, Refusal};
 use crate::store::Stores;
 use crate::wire::DecodeError;
-use crate::wire::envelope::{BadFrame, Flags, Flow, Header, Status};
+use crate::wire::envelope::{BadFrame, Echo, Flags, Flow, Header, Status};
 
 /// Frames of one TCP connection handled at once; the next is read when one finishes.
 pub const PIPELINE_DEPTH: usize = 64;
@@ -275,12 +275,16 @@ impl<S: Stores> EnvelopeServer<S> {
 
     async fn udp_loop(self: Arc<Self>, socket: UdpSocket, tracker: TaskTracker) {
         let codec = EnvelopeCodec::new(self.max_payload);
-        let (max_in_flight, cancel) = (self.config.max_udp_in_flight, self.shutdown.clone());
+        let port = DatagramPort {
+            name: "envelope",
+            flow: "envelope",
+            max_in_flight: self.config.max_udp_in_flight,
+            too_large: payload_too_large,
+        };
         serve_datagrams(
             socket,
-            max_in_flight,
-            "envelope",
-            cancel,
+            port,
+            self.shutdown.clone(),
             tracker,
             move |datagram, peer| {
                 let server = Arc::clone(&self);
@@ -303,8 +307,14 @@ impl<S: Stores> EnvelopeServer<S> {
         peer: SocketAddr,
         transport: Transport,
     ) -> Option<EnvelopeFrame> {
-        warn!(port = "envelope", %transport, %peer, error = %bad.error, "not a frame");
-        metrics::request("envelope", transport, "bad_frame", Default::default());
+        rejected(
+            "envelope",
+            "envelope",
+            transport,
+            peer,
+            "bad_frame",
+            &bad.error,
+        );
         bad.echo
             .map(|echo| EnvelopeFrame::new(echo.reply(Status::BAD_REQUEST), Bytes::new()))
     }
@@ -319,8 +329,7 @@ impl<S: Stores> EnvelopeServer<S> {
     ) -> Option<EnvelopeFrame> {
         let h = frame.header;
         if let Err(why) = request_header(&h) {
-            info!(port = "envelope", %transport, %peer, flow = h.flow.0, kind = h.kind.0, error = %why, "refused header");
-            metrics::request("envelope", transport, "bad_header", Default::default());
+            rejected("envelope", "envelope", transport, peer, "bad_header", &why);
             return Some(reply(&h, Status::BAD_REQUEST, Bytes::new()));
         }
         self.flows.dispatch(self, frame, peer, transport).await
@@ -333,8 +342,15 @@ impl<S: Stores> EnvelopeServer<S> {
         peer: SocketAddr,
         transport: Transport,
     ) -> Option<EnvelopeFrame> {
-        info!(port = "envelope", %transport, %peer, flow = h.flow.0, "flow not served");
-        metrics::request("envelope", transport, "unknown_flow", Default::default());
+        let why = format!("flow {} not served", h.flow.0);
+        rejected(
+            "envelope",
+            "envelope",
+            transport,
+            peer,
+            "unknown_flow",
+            &why,
+        );
         Some(reply(h, Status::BAD_REQUEST, Bytes::new()))
     }
 
@@ -354,6 +370,7 @@ impl<S: Stores> EnvelopeServer<S> {
             port: "envelope",
             transport,
             peer,
+            quiet: !flow.rate_limited(h.kind),
         };
         let request = match flow.parse(h.kind, &frame.payload) {
             Ok(request) => request,
@@ -378,7 +395,7 @@ impl<S: Stores> EnvelopeServer<S> {
             }
         };
         if flow.rate_limited(h.kind)
-            && let Err(refusal) = self.admission.admit(peer.ip(), started)
+            && let Err(refusal) = self.admission.admit(peer.ip(), transport, started)
         {
             return refused(refusal);
         }
@@ -441,6 +458,13 @@ async fn linger(mut read: tokio::net::tcp::OwnedReadHalf) {
         }
     })
     .await;
+}
+
+/// What a UDP reply too large for the rules becomes: a 413 with the same flow, kind and
+/// request id, and an empty payload (the client retries over TCP, or pads).
+fn payload_too_large(reply: &[u8]) -> Option<Vec<u8>> {
+    let echo = Echo::read(reply)?;
+    Some(EnvelopeFrame::new(echo.reply(Status::PAYLOAD_TOO_LARGE), Bytes::new()).to_vec())
 }
 
 fn reply(request: &Header, status: Status, payload: Bytes) -> EnvelopeFrame {

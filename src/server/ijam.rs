@@ -13,12 +13,12 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 use super::admission::Admission;
-use super::listen::{BindError, accept_loop, bind_pair, listen, serve_datagrams};
+use super::listen::{BindError, DatagramPort, accept_loop, bind_pair, listen, serve_datagrams};
 use super::pool::CryptoPool;
-use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics};
+use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics, rejected};
 use crate::codec::FixedFrameCodec;
 use crate::core::{clock, random};
 use crate::flow::ijam::{IjamError, IjamFlow, RegisterRandomness};
@@ -92,7 +92,9 @@ pub struct IjamServer<S> {
     pub flow: Arc<IjamFlow<S>>,
     pub pool: CryptoPool,
     pub config: ServerConfig,
+    /// Registrations (RSA work) and state changes each spend a budget of their own.
     admission: Admission,
+    state_admission: Admission,
     /// Cancelled at shutdown: connections stop reading new requests, but a request
     /// already read is answered.
     shutdown: CancellationToken,
@@ -107,6 +109,7 @@ impl<S: IjamStore> IjamServer<S> {
     ) -> Arc<Self> {
         Arc::new(IjamServer {
             admission: Admission::new(config.rate_per_source, config.burst),
+            state_admission: Admission::new(config.rate_per_source, config.burst),
             flow,
             pool,
             config,
@@ -169,8 +172,12 @@ impl<S: IjamStore> IjamServer<S> {
         let s = Arc::clone(self);
         tracker.spawn(serve_datagrams(
             reg_udp,
-            self.config.max_udp_in_flight,
-            REGISTER,
+            DatagramPort {
+                name: "reg",
+                flow: REGISTER,
+                max_in_flight: self.config.max_udp_in_flight,
+                too_large: nothing_instead,
+            },
             cancel.clone(),
             tracker.clone(),
             move |datagram, peer| {
@@ -185,8 +192,12 @@ impl<S: IjamStore> IjamServer<S> {
         let s = Arc::clone(self);
         tracker.spawn(serve_datagrams(
             state_udp,
-            self.config.max_udp_in_flight,
-            STATE,
+            DatagramPort {
+                name: "state",
+                flow: STATE,
+                max_in_flight: self.config.max_udp_in_flight,
+                too_large: nothing_instead,
+            },
             cancel,
             tracker.clone(),
             move |datagram, peer| {
@@ -206,17 +217,26 @@ impl<S: IjamStore> IjamServer<S> {
             let started = Instant::now();
             match read {
                 Ok(Ok(_)) if request == CERT_REQUEST => {
-                    info!(flow = "ijam", port = "cert", transport = "tcp", %peer, outcome = "certificate");
                     let keys = self.flow.keys();
                     let sent = stream.write_all(keys.certificate_reply()).await;
-                    metrics::request(CERT, Transport::Tcp, "certificate", started.elapsed());
+                    let at = Arrival {
+                        flow: CERT,
+                        port: "cert",
+                        transport: Transport::Tcp,
+                        peer,
+                        quiet: true,
+                    };
+                    let ending = Ending::Served {
+                        outcome: "certificate",
+                    };
+                    finish(at, None, started.elapsed(), ending);
                     if sent.is_err() {
                         return;
                     }
                 }
                 Ok(Ok(_)) => {
-                    warn!(flow = "ijam", port = "cert", %peer, "not a certificate request; closing");
-                    metrics::request(CERT, Transport::Tcp, "bad_request", started.elapsed());
+                    let why = "not a certificate request; closing";
+                    rejected(CERT, "cert", Transport::Tcp, peer, "bad_request", &why);
                     metrics::connection_closed("cert", "bad_request");
                     return;
                 }
@@ -297,7 +317,7 @@ impl<S: IjamStore> IjamServer<S> {
             }
             bad_in_a_row = if answer.bad { bad_in_a_row + 1 } else { 0 };
             if bad_in_a_row >= self.config.max_bad_frames {
-                warn!(%peer, port, bad_in_a_row, "too many bad frames in a row; closing");
+                debug!(%peer, port, bad_in_a_row, "too many bad frames in a row; closing");
                 metrics::connection_closed(port, "bad_frames");
                 return;
             }
@@ -318,9 +338,17 @@ impl<S: IjamStore> IjamServer<S> {
             port: "reg",
             transport,
             peer,
+            quiet: false,
         };
         let result: Result<_, Result<IjamError, Refusal>> = async {
-            self.admission.admit(peer.ip(), started).map_err(Err)?;
+            // A datagram of the wrong size is garbage: refused before it can spend the
+            // source's budget (a spoofed source's budget, over UDP).
+            if ciphertext.len() != self.flow.keys().ciphertext_len() {
+                return Err(Ok(IjamError::Undecryptable));
+            }
+            self.admission
+                .admit(peer.ip(), transport, started)
+                .map_err(Err)?;
             let flow = Arc::clone(&self.flow);
             let now = clock::now_ms();
             let request = self
@@ -387,15 +415,30 @@ impl<S: IjamStore> IjamServer<S> {
             port: "state",
             transport,
             peer,
+            quiet: false,
         };
-        let result = match StateRequest::parse(&frame) {
-            Ok(request) => {
-                self.flow
-                    .change_state(&request, &peer.ip().to_string(), clock::now_ms())
-                    .await
+        let request = match StateRequest::parse(&frame) {
+            Ok(request) => request,
+            Err(e) => {
+                let e = IjamError::Malformed(e);
+                finish(at, None, started.elapsed(), failed(&e));
+                return Answer {
+                    reply: e.state_reply(),
+                    bad: true,
+                };
             }
-            Err(e) => Err(IjamError::Malformed(e)),
         };
+        if let Err(refusal) = self.state_admission.admit(peer.ip(), transport, started) {
+            finish(at, None, started.elapsed(), Ending::Refused(refusal));
+            return Answer {
+                reply: ijam::state_reply(ijam::Status::TOO_MANY_REQUESTS).to_vec(),
+                bad: false,
+            };
+        }
+        let result = self
+            .flow
+            .change_state(&request, &peer.ip().to_string(), clock::now_ms())
+            .await;
         let latency = started.elapsed();
         match result {
             Ok((node_id, code)) => {
@@ -420,6 +463,12 @@ impl<S: IjamStore> IjamServer<S> {
             }
         }
     }
+}
+
+/// The ijam protocol has no status for "too large": a reply that breaks the UDP rules
+/// (only an error reply to a datagram far too short can) is not sent.
+fn nothing_instead(_reply: &[u8]) -> Option<Vec<u8>> {
+    None
 }
 
 /// An ijam failure, for [`finish`].

@@ -180,14 +180,61 @@ pub(crate) async fn accept_loop<F, Fut>(
     }
 }
 
-/// Serves a UDP socket until `cancel`: one task per datagram, at most `max_in_flight`
-/// at once (the rest are dropped and counted as shed for `flow`), each reply sent back
-/// to its datagram's source. Only a dead socket would end it; receive errors (ICMP
-/// from earlier sends) are skipped.
+/// A reply datagram is at most this many times the bytes of the datagram it answers
+/// (anti-amplification: a spoofed source cannot be sent more than it sent).
+pub const UDP_AMPLIFICATION: usize = 3;
+
+/// The largest reply datagram payload: what fits an IPv6 minimum MTU path without IP
+/// fragments.
+pub const MAX_UDP_REPLY: usize = 1232;
+
+/// Whether a reply of `reply_len` bytes may answer a datagram of `request_len`.
+pub fn udp_reply_fits(request_len: usize, reply_len: usize) -> bool {
+    reply_len <= UDP_AMPLIFICATION * request_len && reply_len <= MAX_UDP_REPLY
+}
+
+/// What a UDP port sends back under the rules: the reply if it fits, else what the
+/// port offers instead (the envelope's 413) if that fits, else nothing (counted).
+fn fitted(
+    port: &'static str,
+    request_len: usize,
+    reply: Vec<u8>,
+    too_large: fn(&[u8]) -> Option<Vec<u8>>,
+) -> Option<Vec<u8>> {
+    if udp_reply_fits(request_len, reply.len()) {
+        return Some(reply);
+    }
+    match too_large(&reply) {
+        Some(instead) if udp_reply_fits(request_len, instead.len()) => {
+            metrics::udp_reply_replaced(port);
+            Some(instead)
+        }
+        _ => {
+            metrics::udp_reply_withheld(port);
+            None
+        }
+    }
+}
+
+/// How one UDP port is served by [`serve_datagrams`].
+pub(crate) struct DatagramPort {
+    /// The port's name in logs and metrics (`reg`, `state`, `envelope`).
+    pub name: &'static str,
+    /// The flow its datagrams count as when shed.
+    pub flow: &'static str,
+    /// Requests in flight at most; datagrams beyond it are dropped.
+    pub max_in_flight: usize,
+    /// What to send instead of a reply that breaks the UDP rules, if anything.
+    pub too_large: fn(&[u8]) -> Option<Vec<u8>>,
+}
+
+/// Serves a UDP socket until `cancel`: one task per datagram, at most
+/// `port.max_in_flight` at once (the rest are dropped and counted as shed), each reply
+/// sent back to its datagram's source under the UDP rules ([`udp_reply_fits`]). Only
+/// a dead socket would end it; receive errors (ICMP from earlier sends) are skipped.
 pub(crate) async fn serve_datagrams<F, Fut>(
     socket: UdpSocket,
-    max_in_flight: usize,
-    flow: &'static str,
+    port: DatagramPort,
     cancel: CancellationToken,
     tracker: TaskTracker,
     handle: F,
@@ -196,7 +243,10 @@ pub(crate) async fn serve_datagrams<F, Fut>(
     Fut: Future<Output = Option<Vec<u8>>> + Send + 'static,
 {
     let socket = Arc::new(socket);
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let in_flight = Arc::new(Semaphore::new(port.max_in_flight));
+    let DatagramPort {
+        name, too_large, ..
+    } = port;
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let received = tokio::select! {
@@ -212,13 +262,14 @@ pub(crate) async fn serve_datagrams<F, Fut>(
         };
         let Ok(permit) = Arc::clone(&in_flight).try_acquire_owned() else {
             debug!(%peer, "udp requests in flight at their limit; dropping datagram");
-            metrics::shed(flow, super::Transport::Udp);
+            metrics::shed(port.flow, super::Transport::Udp);
             continue;
         };
         let reply = handle(Bytes::copy_from_slice(&buf[..len]), peer);
         let socket = Arc::clone(&socket);
         tracker.spawn(async move {
             if let Some(reply) = reply.await
+                && let Some(reply) = fitted(name, len, reply, too_large)
                 && let Err(e) = socket.send_to(&reply, peer).await
             {
                 debug!(%peer, error = %e, "udp send failed");

@@ -3,10 +3,13 @@
 //! Recording goes through the `metrics` facade (a no-op until a recorder is
 //! installed, so tests and admin commands pay nothing); `serve --metrics-addr` installs
 //! the Prometheus recorder and serves its text at `GET /metrics`. The refusals under
-//! load are also summed here for the log ([`report_refusals`]), recorder or not.
+//! load and the failed requests are also summed here for the log ([`report`]), recorder
+//! or not.
 
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -14,7 +17,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::Transport;
 
@@ -28,6 +31,8 @@ pub const CONNECTIONS_REFUSED: &str = "registrar_connections_refused_total";
 pub const CONNECTIONS_CLOSED: &str = "registrar_connections_closed_total";
 pub const CRYPTO_QUEUE: &str = "registrar_crypto_queue_depth";
 pub const UDP_KERNEL_DROPS: &str = "registrar_udp_receive_buffer_drops";
+pub const UDP_REPLACED: &str = "registrar_udp_replies_replaced_total";
+pub const UDP_WITHHELD: &str = "registrar_udp_replies_withheld_total";
 
 /// One finished request.
 pub fn request(flow: &'static str, transport: Transport, outcome: &'static str, latency: Duration) {
@@ -51,18 +56,50 @@ pub fn rate_limited(flow: &'static str, transport: Transport) {
 /// Refusals under load since the last report. Under a flood they are thousands a
 /// second, and one log line each buried what the operator needs to see (at 2× the
 /// maximum rate they were about 40% of the log's bytes), so each goes to `debug` and
-/// [`report_refusals`] logs their sum once a second.
+/// [`report`] logs their sum once a second.
 static SHED_SINCE_REPORT: AtomicU64 = AtomicU64::new(0);
 static RATE_LIMITED_SINCE_REPORT: AtomicU64 = AtomicU64::new(0);
 
-/// How often [`report_refusals`] logs the refusals it has counted.
-pub const REFUSAL_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+/// Sources told apart in one report; the rest are summed as others.
+const TALLIED_SOURCES: usize = 4096;
 
-/// Logs, once per [`REFUSAL_REPORT_INTERVAL`] in which there were any, how many
-/// requests were shed (503, or dropped on UDP) and rate-limited (429); a last time at
-/// `cancel`.
-pub async fn report_refusals(cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(REFUSAL_REPORT_INTERVAL);
+/// Requests that failed since the last report (a bad frame, a refused passphrase, an
+/// unknown node, …): any source can cause them at line rate, so each is a `debug` line
+/// and [`report`] sums them once a second, by flow and outcome, naming the source that
+/// sent the most.
+#[derive(Default)]
+struct FailureTally {
+    by_outcome: BTreeMap<(&'static str, &'static str), u64>,
+    by_source: HashMap<IpAddr, u64>,
+    other_sources: u64,
+}
+
+static FAILED_SINCE_REPORT: LazyLock<Mutex<FailureTally>> = LazyLock::new(Mutex::default);
+
+/// Counts a failed request for the next [`report`].
+pub fn failed(flow: &'static str, outcome: &'static str, source: IpAddr) {
+    let mut tally = FAILED_SINCE_REPORT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    *tally.by_outcome.entry((flow, outcome)).or_default() += 1;
+    let known = tally.by_source.len();
+    match tally.by_source.get_mut(&source) {
+        Some(count) => *count += 1,
+        None if known < TALLIED_SOURCES => {
+            tally.by_source.insert(source, 1);
+        }
+        None => tally.other_sources += 1,
+    }
+}
+
+/// How often [`report`] logs what it has counted.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Logs, once per [`REPORT_INTERVAL`] in which there were any, how many requests were
+/// shed (503, or dropped on UDP) and rate-limited (429), at WARN, and how many failed,
+/// at INFO; a last time at `cancel`.
+pub async fn report(cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(REPORT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let last = tokio::select! {
@@ -77,10 +114,50 @@ pub async fn report_refusals(cancel: CancellationToken) {
                 rate_limited, "requests refused under load since the last report"
             );
         }
+        let tally = std::mem::take(
+            &mut *FAILED_SINCE_REPORT
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        if !tally.by_outcome.is_empty() {
+            let failed: u64 = tally.by_outcome.values().sum();
+            let outcomes = tally
+                .by_outcome
+                .iter()
+                .map(|((flow, outcome), n)| format!("{flow}/{outcome}={n}"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let sources = tally.by_source.len() as u64 + tally.other_sources;
+            let (top_source, top_source_failed) = tally
+                .by_source
+                .iter()
+                .max_by_key(|(_, n)| **n)
+                .map(|(ip, n)| (*ip, *n))
+                .expect("a failure has a source");
+            info!(
+                failed,
+                outcomes,
+                sources,
+                %top_source,
+                top_source_failed,
+                "requests failed since the last report (each at debug)"
+            );
+        }
         if last {
             return;
         }
     }
+}
+
+/// A UDP reply too large for the rules, answered with the port's 413 instead.
+pub fn udp_reply_replaced(port: &'static str) {
+    counter!(UDP_REPLACED, "port" => port).increment(1);
+}
+
+/// A UDP reply not sent: it, and anything the port could send instead, would have
+/// been larger than the rules allow for the datagram it answered.
+pub fn udp_reply_withheld(port: &'static str) {
+    counter!(UDP_WITHHELD, "port" => port).increment(1);
 }
 
 pub fn store_error(flow: &'static str) {
@@ -175,6 +252,14 @@ fn describe_series() {
     describe_gauge!(
         CRYPTO_QUEUE,
         "Requests queued for or running on a crypto thread."
+    );
+    describe_counter!(
+        UDP_REPLACED,
+        "UDP replies larger than 3x their request or 1,232 bytes, answered with 413 instead, by port."
+    );
+    describe_counter!(
+        UDP_WITHHELD,
+        "UDP replies not sent because even an error reply would exceed 3x the datagram it answered, by port."
     );
     describe_gauge!(
         UDP_KERNEL_DROPS,

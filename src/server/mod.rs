@@ -83,6 +83,9 @@ pub(crate) struct Arrival {
     pub port: &'static str,
     pub transport: Transport,
     pub peer: SocketAddr,
+    /// A cheap request (a Hello, a certificate): served, it logs at debug, as one
+    /// costs the sender nothing to repeat.
+    pub quiet: bool,
 }
 
 /// Whose doing a failure was.
@@ -108,7 +111,7 @@ pub(crate) enum Ending<'a> {
         fault: Fault,
     },
     /// Refused under load: one at debug each, summed at WARN once a second
-    /// ([`metrics::report_refusals`]), so a flood cannot drown the log.
+    /// ([`metrics::report`]), so a flood cannot drown the log.
     Refused(Refusal),
 }
 
@@ -124,16 +127,26 @@ impl Ending<'_> {
 
 /// The one log line and the metrics of a request: every port and flow ends here.
 /// `subject` names what the request was about (a node, a device), never a secret.
+///
+/// What any source can cause at line rate stays out of the log one by one: a served
+/// cheap request, a failure of the peer's or the store's making, a refusal are `debug`
+/// lines, and [`metrics::report`] sums the failures and refusals once a second. A
+/// served request that did work is an INFO line (its rate is the per-source budget);
+/// a failure of this listener's own is a WARN line.
 pub(crate) fn finish(at: Arrival, subject: Option<&str>, latency: Duration, ending: Ending<'_>) {
     let Arrival {
         flow,
         port,
         transport,
         peer,
+        quiet,
     } = at;
     let outcome = ending.outcome();
     let latency_us = latency.as_micros() as u64;
     match &ending {
+        Ending::Served { .. } if quiet => {
+            debug!(flow, port, %transport, %peer, outcome, subject, latency_us)
+        }
         Ending::Served { .. } => {
             info!(flow, port, %transport, %peer, outcome, subject, latency_us)
         }
@@ -145,7 +158,8 @@ pub(crate) fn finish(at: Arrival, subject: Option<&str>, latency: Duration, endi
             warn!(flow, port, %transport, %peer, outcome, subject, error = %error, latency_us)
         }
         Ending::Failed { error, fault, .. } => {
-            info!(flow, port, %transport, %peer, outcome, subject, error = %error, latency_us);
+            debug!(flow, port, %transport, %peer, outcome, subject, error = %error, latency_us);
+            metrics::failed(flow, outcome, peer.ip());
             if *fault == Fault::Store {
                 metrics::store_error(flow);
             }
@@ -159,4 +173,20 @@ pub(crate) fn finish(at: Arrival, subject: Option<&str>, latency: Duration, endi
         }
     }
     metrics::request(flow, transport, outcome, latency);
+}
+
+/// Something on a port that was no request (bytes that are no frame, a header or flow
+/// not served, a wrong certificate magic): a `debug` line, counted for the summary and
+/// the metrics.
+pub(crate) fn rejected(
+    flow: &'static str,
+    port: &'static str,
+    transport: Transport,
+    peer: SocketAddr,
+    outcome: &'static str,
+    error: &dyn fmt::Display,
+) {
+    debug!(flow, port, %transport, %peer, outcome, error = %error);
+    metrics::failed(flow, outcome, peer.ip());
+    metrics::request(flow, transport, outcome, Duration::ZERO);
 }

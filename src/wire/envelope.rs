@@ -136,6 +136,8 @@ impl Status {
     pub const NOT_FOUND: Status = Status(404);
     pub const CONFLICT: Status = Status(409);
     pub const GONE: Status = Status(410);
+    /// The reply would break the UDP rules: retry over TCP, or pad the request.
+    pub const PAYLOAD_TOO_LARGE: Status = Status(413);
     pub const TOO_MANY_REQUESTS: Status = Status(429);
     pub const SERVICE_UNAVAILABLE: Status = Status(503);
 

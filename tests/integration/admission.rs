@@ -49,14 +49,19 @@ fn sample(text: &str, series: &str) -> f64 {
 /// Waits until the listener's once-a-second refusal summaries add up to `expected` for
 /// `field` (`shed` or `rate_limited`), and checks they do not go past it.
 fn wait_for_refusals_logged(l: &Listener, field: &str, expected: u64) {
-    const SUMMARY: &str = "requests refused under load";
+    wait_for_summed(l, "requests refused under load", field, expected)
+}
+
+/// Waits until the summary lines holding `summary` add up `field` to `expected` (and
+/// never beyond it).
+fn wait_for_summed(l: &Listener, summary: &str, field: &str, expected: u64) {
     let prefix = format!("{field}=");
     for lines in 1.. {
-        l.wait_for_log_count(SUMMARY, lines);
+        l.wait_for_log_count(summary, lines);
         let logged: u64 = l
             .log()
             .lines()
-            .filter(|line| line.contains(SUMMARY))
+            .filter(|line| line.contains(summary))
             .flat_map(|line| {
                 line.split_whitespace()
                     .filter_map(|t| t.strip_prefix(prefix.as_str()))
@@ -140,10 +145,18 @@ fn a_flood_of_refusals_is_logged_as_one_sum_a_second_and_each_at_debug() {
 fn a_source_over_its_budget_gets_429_before_any_rsa_work() {
     let (l, metrics) = start(&["--rate-per-source", "0.001", "--burst", "2"]);
     let ct = bogus_request(&l);
-    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), REPLY_401);
-    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), REPLY_401);
-    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), RATE_LIMITED);
-    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), RATE_LIMITED);
+    // Each transport has its own budget of 2.
+    for (exchange, addr) in [
+        (
+            tcp_exchange as fn(SocketAddr, &[u8]) -> Vec<u8>,
+            l.ports.reg_tcp,
+        ),
+        (udp_exchange, l.ports.reg_udp),
+    ] {
+        assert_eq!(exchange(addr, &ct), REPLY_401);
+        assert_eq!(exchange(addr, &ct), REPLY_401);
+        assert_eq!(exchange(addr, &ct), RATE_LIMITED);
+    }
     let text = scrape(metrics);
     assert_eq!(
         sample(
@@ -159,16 +172,139 @@ fn a_source_over_its_budget_gets_429_before_any_rsa_work() {
         ),
         1.0
     );
-    // State requests are cheap (no RSA) and are not limited by it.
+    // State requests have a budget of their own (the same rate and burst).
     let state = state_frame(
         uuid::Uuid::from_bytes([1; 16]),
         &random_key(),
         registrar::wire::ijam::StateCode::Online,
     );
+    for _ in 0..2 {
+        assert_eq!(
+            tcp_exchange(l.ports.state_tcp, &state),
+            b"\x94\x01Node not found."
+        );
+    }
     assert_eq!(
         tcp_exchange(l.ports.state_tcp, &state),
-        b"\x94\x01Node not found."
+        429u16.to_le_bytes(),
+        "the state port is rate limited too"
     );
+}
+
+/// What any source can send at line rate never reaches the log one line each: failed
+/// requests are debug lines, summed once a second at INFO with the source that sent
+/// the most.
+#[test]
+fn failed_requests_are_debug_lines_summed_once_a_second() {
+    let (l, _) = start(&[]);
+    let started = Instant::now();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let unknown = state_frame(
+        uuid::Uuid::from_bytes([3; 16]),
+        &random_key(),
+        registrar::wire::ijam::StateCode::Online,
+    );
+    for i in 0..200u32 {
+        let mut garbage = vec![0x5a; 30];
+        garbage[8..12].copy_from_slice(&i.to_be_bytes());
+        socket.send_to(&garbage, l.ports.envelope_udp).unwrap();
+        socket.send_to(&unknown, l.ports.state_udp).unwrap();
+    }
+    for _ in 0..20 {
+        let mut stream = connect(l.ports.cert);
+        stream.write_all(b"GET ").unwrap();
+        let _ = stream.read_to_end(&mut Vec::new());
+    }
+    wait_for_summed(&l, "requests failed since the last report", "failed", 420);
+    let log = l.log();
+    for outcome in ["bad_frame", "unknown_node", "bad_request"] {
+        let each: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains(&format!("outcome=\"{outcome}\"")))
+            .collect();
+        assert!(!each.is_empty(), "{outcome}:\n{log}");
+        assert!(
+            each.iter().all(|line| line.contains("DEBUG")),
+            "a failure logged above debug:\n{log}"
+        );
+    }
+    let summaries: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("requests failed since the last report"))
+        .collect();
+    assert!(
+        summaries.iter().all(|line| line.contains(" INFO ")),
+        "{log}"
+    );
+    assert!(
+        summaries.len() as u64 <= started.elapsed().as_secs() + 1,
+        "at most one summary a second: {summaries:#?}"
+    );
+    assert!(
+        summaries[0].contains("top_source=127.0.0.1"),
+        "{}",
+        summaries[0]
+    );
+}
+
+/// Datagrams that fail the cheap checks (here: not the ciphertext's length) spend no
+/// budget, so spoofed garbage "from" a client cannot lock it out; and a reply larger
+/// than 3x its datagram is not sent.
+#[test]
+fn garbage_spends_no_budget_and_gets_no_amplified_reply() {
+    let (l, metrics) = start(&["--rate-per-source", "0.001", "--burst", "2"]);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    for datagram in [&b""[..], b"x", b"xy"] {
+        socket.send_to(datagram, l.ports.reg_udp).unwrap();
+        socket.send_to(datagram, l.ports.state_udp).unwrap();
+    }
+    // (Few enough that every reply fits this socket's receive buffer.)
+    for _ in 0..100 {
+        socket.send_to(&[7u8; 100], l.ports.reg_udp).unwrap();
+        socket.send_to(&[7u8; 20], l.ports.state_udp).unwrap();
+    }
+    // Poll the counters until all 206 datagrams are accounted for.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let text = scrape(metrics);
+        let bad = |flow: &str, outcome: &str| {
+            sample(
+                &text,
+                &format!(
+                    "registrar_requests_total{{flow=\"{flow}\",transport=\"udp\",outcome=\"{outcome}\"}}"
+                ),
+            )
+        };
+        let seen = bad("ijam_register", "undecryptable") + bad("ijam_state", "malformed");
+        // The 9-byte 400 of the registration port is more than 3x a datagram of 0, 1
+        // or 2 bytes; the state port's 2-byte 400, more than 3x only 0 bytes.
+        let withheld = |port: &str| {
+            sample(
+                &text,
+                &format!("registrar_udp_replies_withheld_total{{port=\"{port}\"}}"),
+            )
+        };
+        if (seen, withheld("reg"), withheld("state")) == (206.0, 3.0, 1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::yield_now();
+    }
+    // The other 400s were sent (within 3x); nothing else.
+    let mut buf = [0u8; 64];
+    let mut replies = 0;
+    while let Ok((n, _)) = socket.recv_from(&mut buf) {
+        assert!(matches!(&buf[..2], [0x90, 0x01]), "{:02x?}", &buf[..n]);
+        replies += 1;
+    }
+    assert_eq!(replies, 202);
+    // The budget is whole: a real request from the same source is served.
+    let ct = bogus_request(&l);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), REPLY_401);
+    assert_eq!(udp_exchange(l.ports.reg_udp, &ct), REPLY_401);
 }
 
 #[test]
@@ -372,10 +508,13 @@ fn a_udp_flood_from_one_source_is_cut_off_by_its_rate_limit_and_counted() {
         "{served} decryptions for one flooding source"
     );
     assert_eq!(
-        tcp_exchange(l.ports.reg_tcp, &ct),
+        udp_exchange(l.ports.reg_udp, &ct),
         RATE_LIMITED,
-        "the same source stays limited"
+        "the same source stays limited over UDP"
     );
+    // Spoofed datagrams "from" an address must not lock its TCP clients out: the
+    // handshake proves a TCP source, and its budget is its own.
+    assert_eq!(tcp_exchange(l.ports.reg_tcp, &ct), REPLY_401);
 }
 
 #[test]

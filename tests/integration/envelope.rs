@@ -95,8 +95,18 @@ fn hello_over_tcp_and_udp(backend: &str) {
     };
     let pem = std::fs::read_to_string(l.data_dir.path().join("signing_key.pem")).unwrap();
     let signing = SigningKey::from_pkcs8_pem(&pem).unwrap();
-    for t in BOTH {
-        let reply = exchange(t, &l, &pubkey::hello_frame(0xfeed_beef));
+    // Over UDP the 128-byte reply is more than 3x a bare 20-byte Hello: 413, empty.
+    let bare = exchange(Transport::Udp, &l, &pubkey::hello_frame(0xfeed_beef));
+    assert_eq!(
+        bare.header,
+        Header::request(Flow::CORE, HELLO, 0xfeed_beef).reply(Status::PAYLOAD_TOO_LARGE)
+    );
+    assert!(bare.payload.is_empty());
+    for (t, frame) in [
+        (Transport::Tcp, pubkey::hello_frame(0xfeed_beef)),
+        (Transport::Udp, pubkey::padded_hello_frame(0xfeed_beef)),
+    ] {
+        let reply = exchange(t, &l, &frame);
         assert_eq!(reply.status(), Status::OK);
         assert_eq!(
             reply.header,

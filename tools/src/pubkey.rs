@@ -306,11 +306,22 @@ fn exchange(
             format!("{where_}: {}", io_reason(&e, args.timeout)),
         )
     };
-    let reply = if args.udp {
+    let mut reply = if args.udp {
         udp_exchange(args, addr, frame, request_id, &where_).map_err(io_fail)?
     } else {
-        tcp_exchange(args, addrs, frame).map_err(io_fail)?
+        tcp_exchange(args, addrs.clone(), frame).map_err(io_fail)?
     };
+    // 413 over UDP: the reply would have been more than 3x the request (the server's
+    // anti-amplification rule). The same request over TCP gets it, and never has a
+    // second effect (schemas/envelope.md).
+    if args.udp
+        && let Some(bytes) = &reply
+        && let Ok((header, _)) = client::parse_reply(bytes, MAX_REPLY_PAYLOAD)
+        && header.status == Status::PAYLOAD_TOO_LARGE
+    {
+        eprintln!("note: {where_} answered 413 (reply too large for UDP); retrying over TCP");
+        reply = tcp_exchange(args, addrs, frame).map_err(io_fail)?;
+    }
     let reply = reply.ok_or_else(|| {
         fail(
             Kind::Unreachable,

@@ -916,3 +916,50 @@ fn a_mistyped_generated_passphrase_is_pointed_out_before_it_is_sent() {
     let run = l.register("net1", &good, &file, &[]).expect(0);
     assert!(!run.stderr.contains("mistyped"), "{}", run.stderr);
 }
+
+/// A 413 over UDP (the reply would break the anti-amplification rule) sends the same
+/// request again over TCP. The fake server answers 413 on UDP and 201 on TCP, on one
+/// port number, as a listener's envelope port is.
+#[test]
+fn a_413_over_udp_is_retried_over_tcp() {
+    use registrar::wire::envelope::{self, Status};
+    use std::io::{Read, Write};
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let udp = std::net::UdpSocket::bind(("127.0.0.1", port)).unwrap();
+    let answer = |request: &[u8], status: Status| {
+        let (header, _) = envelope::parse_datagram(request, 1 << 16).unwrap();
+        envelope::to_vec(&header.reply(status), &[])
+    };
+    let udp_side = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        let (n, peer) = udp.recv_from(&mut buf).unwrap();
+        udp.send_to(&answer(&buf[..n], Status::PAYLOAD_TOO_LARGE), peer)
+            .unwrap();
+    });
+    let tcp_side = std::thread::spawn(move || {
+        let (mut conn, _) = tcp.accept().unwrap();
+        let mut head = [0u8; envelope::HEADER_LEN];
+        conn.read_exact(&mut head).unwrap();
+        let len = u32::from_be_bytes(head[12..16].try_into().unwrap()) as usize;
+        let mut rest = vec![0u8; len + envelope::TRAILER_LEN];
+        conn.read_exact(&mut rest).unwrap();
+        conn.write_all(&answer(&[&head[..], &rest].concat(), Status::CREATED))
+            .unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("device.pem");
+    let run = node(
+        &[
+            &["pubkey", "register", "--server", "127.0.0.1", "--udp"] as &[&str],
+            &["--envelope-port", &port.to_string()],
+            &["--key", key.to_str().unwrap()],
+        ]
+        .concat(),
+    )
+    .expect(0);
+    assert!(run.stdout.ends_with("registered\n"), "{}", run.stdout);
+    assert!(run.stderr.contains("answered 413"), "{}", run.stderr);
+    udp_side.join().unwrap();
+    tcp_side.join().unwrap();
+}
