@@ -84,6 +84,9 @@ pub enum EnvelopeCodecError {
 /// The declared payload length is checked against the maximum from the header alone,
 /// before any room is reserved for the payload; a bad frame clears the buffer (the
 /// stream cannot be resynchronised) and is an error carrying what a reply can echo.
+/// Bytes a partial frame reserves beyond what has arrived, at most.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
 #[derive(Debug, Clone, Copy)]
 pub struct EnvelopeCodec {
     max_payload: u32,
@@ -116,7 +119,9 @@ impl Decoder for EnvelopeCodec {
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<EnvelopeFrame>, EnvelopeCodecError> {
         match envelope::check(src, self.max_payload) {
             Ok(None) => {
-                src.reserve(envelope::missing(src, self.max_payload));
+                // Room for what is coming, but never more than a chunk ahead of what
+                // arrived: a header declaring a large frame costs only what is sent.
+                src.reserve(envelope::missing(src, self.max_payload).min(RESERVE_AHEAD));
                 Ok(None)
             }
             Ok(Some(framed)) => {

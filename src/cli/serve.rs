@@ -60,14 +60,27 @@ pub struct ServeArgs {
           value_parser = clap::builder::PossibleValuesParser::new(["2048", "3072", "4096"])
               .map(|s| s.parse::<usize>().expect("listed values are numbers")))]
     rsa_bits: usize,
-    /// Close a TCP connection that completes no frame for this long (idle, or
-    /// dribbling a partial frame).
+    /// Close a TCP connection this long after it opened or after its last request
+    /// that did work (a registration, a state change, a signed envelope request):
+    /// silence, a dribbled frame, Hellos or certificate fetches do not keep it open.
     #[arg(long, env = "REGISTRAR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     idle_timeout: Duration,
-    /// Open TCP connections at most, all ports together; further ones are closed on
-    /// accept.
+    /// Open TCP connections at most, all ports together. At the cap a new connection
+    /// takes the place of the one idle the longest; if every one is busy with a
+    /// request, the new one is closed on accept.
     #[arg(long, env = "REGISTRAR_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
+    /// Open TCP connections at most from one source address; more from it are closed
+    /// on accept. The default fits a NAT gateway of a few hundred devices registering
+    /// at once.
+    #[arg(long, env = "REGISTRAR_MAX_CONNECTIONS_PER_SOURCE",
+          default_value_t = registrar::server::DEFAULT_CONNECTIONS_PER_SOURCE)]
+    max_connections_per_source: usize,
+    /// Request bytes all TCP connections together may buffer (e.g. 64MiB, 512KiB).
+    /// When it is spent, connections stop reading; when it stays spent for 100 ms, the
+    /// connection holding the most is closed.
+    #[arg(long, env = "REGISTRAR_MAX_BUFFERED", default_value = "64MiB", value_parser = parse_size)]
+    max_buffered: usize,
     /// Threads for the private-key and signature work (default: one per core).
     #[arg(long, env = "REGISTRAR_CRYPTO_THREADS")]
     crypto_threads: Option<usize>,
@@ -305,7 +318,11 @@ async fn listen<S: Stores>(
     .context("cannot start the crypto pool")?;
     let config = ServerConfig {
         idle_timeout: args.idle_timeout,
-        connections: ConnectionLimit::new(args.max_connections),
+        connections: ConnectionLimit::new(
+            args.max_connections,
+            args.max_connections_per_source,
+            args.max_buffered,
+        ),
         rate_per_source: args.rate_per_source,
         burst: args.burst,
         ..ServerConfig::default()
@@ -426,4 +443,25 @@ async fn wait_for_shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// A size in bytes: a number, optionally followed by KiB, MiB or GiB.
+fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let (digits, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((text, ""), |at| text.split_at(at));
+    let scale: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size such as 64MiB"))
 }

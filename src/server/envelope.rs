@@ -22,17 +22,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::admission::Admission;
-use super::listen::{BindError, DatagramPort, accept_loop, bind_pair, serve_datagrams};
+use super::listen::{
+    BindError, Connection, DatagramPort, Wake, accept_loop, bind_pair, serve_datagrams,
+    wait_for_request,
+};
 use super::pool::CryptoPool;
 use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics, rejected};
 use crate::codec::{EnvelopeCodec, EnvelopeCodecError, EnvelopeFrame};
@@ -68,6 +72,17 @@ macro_rules! envelope_flows {
             /// The flow numbers served, as the core Hello lists them.
             pub fn served() -> Vec<Flow> {
                 vec![$(<$flow as EnvelopeFlow>::FLOW),*]
+            }
+
+            /// Whether a frame asks for work (a request its flow rate limits): only
+            /// such requests move a connection's deadline.
+            fn does_work(&self, header: &Header) -> bool {
+                $(
+                    if header.flow == <$flow as EnvelopeFlow>::FLOW {
+                        return self.$name.rate_limited(header.kind);
+                    }
+                )*
+                false
             }
 
             async fn dispatch(
@@ -164,113 +179,151 @@ impl<S: Stores> EnvelopeServer<S> {
             self.config.connections.clone(),
             self.shutdown.clone(),
             tracker.clone(),
-            move |stream, peer| {
+            move |stream, peer, connection| {
                 let server = Arc::clone(&server);
-                async move { server.connection(stream, peer).await }
+                async move { server.connection(stream, peer, connection).await }
             },
         ));
         tracker.spawn(Arc::clone(self).udp_loop(sockets.udp, tracker.clone()));
     }
 
-    /// One TCP connection: a reader that hands each frame to its own task, and one
-    /// writer that sends replies as they finish.
-    async fn connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    /// One TCP connection. While it waits for a request it holds no buffer; when bytes
+    /// arrive it serves a burst ([`EnvelopeServer::burst`]) and, once every frame read
+    /// is answered and no partial frame is left, gives its buffers back and waits again.
+    /// It closes `--idle-timeout` after it opened or after its last request that did
+    /// work (a Hello is none), whatever it sends meanwhile.
+    async fn connection(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        connection: Connection,
+    ) {
         let _ = stream.set_nodelay(true);
-        let codec = EnvelopeCodec::new(self.max_payload);
-        let (read, write) = stream.into_split();
-        let mut frames = FramedRead::new(read, codec);
-        let mut sink = FramedWrite::new(write, codec);
-        let (replies, mut outbox) = mpsc::channel::<EnvelopeFrame>(PIPELINE_DEPTH);
+        let mut deadline = tokio::time::Instant::now() + self.config.idle_timeout;
+        loop {
+            match wait_for_request(&stream, &connection, &self.shutdown, deadline).await {
+                Wake::Readable => {}
+                Wake::Deadline => {
+                    debug!(%peer, port = "envelope", "no request that did work before the deadline; closing");
+                    metrics::connection_closed("envelope", "idle");
+                    return;
+                }
+                Wake::End => return,
+            }
+            let ended = self
+                .burst(&mut stream, peer, &connection, &mut deadline)
+                .await;
+            connection.release();
+            match ended {
+                Burst::Drained => connection.idle(Instant::now()),
+                Burst::Closed => return,
+                Burst::Garbage => {
+                    // The 400 is out: FIN, then read and discard what the peer still
+                    // sends, so the close is not a reset that could destroy the 400.
+                    let _ = stream.shutdown().await;
+                    linger(stream).await;
+                    return;
+                }
+            }
+        }
+    }
 
+    /// Serves what arrives until the connection is drained (every frame answered, no
+    /// partial frame) or ends: a reader that hands each frame to its own task (at most
+    /// [`PIPELINE_DEPTH`] at once) and a writer that sends replies as they finish.
+    async fn burst(
+        self: &Arc<Self>,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        connection: &Connection,
+        deadline: &mut tokio::time::Instant,
+    ) -> Burst {
+        let mut codec = EnvelopeCodec::new(self.max_payload);
+        let idle_timeout = self.config.idle_timeout;
+        let (mut read, write) = stream.split();
+        let (replies, outbox) = mpsc::channel::<EnvelopeFrame>(PIPELINE_DEPTH);
         // Cancelled when the writer gives up (peer gone, or not reading its replies for
         // the idle timeout): the reader stops too.
         let dead = CancellationToken::new();
-        let write_timeout = self.config.idle_timeout;
-        let writer_dead = dead.clone();
-        let writer = async move {
-            let _dead = writer_dead.drop_guard();
-            while let Some(first) = outbox.recv().await {
-                let batch = async {
-                    sink.feed(first).await?;
-                    // Whatever else is ready goes out in the same write.
-                    while let Ok(more) = outbox.try_recv() {
-                        sink.feed(more).await?;
-                    }
-                    sink.flush().await
-                };
-                match tokio::time::timeout(write_timeout, batch).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        debug!(%peer, port = "envelope", "peer not reading its replies; closing");
-                        metrics::connection_closed("envelope", "write_timeout");
-                        return;
-                    }
-                }
-            }
-            let _ = sink.close().await;
-        };
+        let writer = write_replies(write, outbox, idle_timeout, dead.clone(), peer);
 
-        let reader = async move {
-            let slots = Arc::new(Semaphore::new(PIPELINE_DEPTH));
+        let reader = async {
+            let mut buf = BytesMut::new();
             let mut tasks = JoinSet::new();
-            let mut garbage = false;
-            loop {
-                let slot = tokio::select! {
-                    _ = dead.cancelled() => break,
-                    slot = Arc::clone(&slots).acquire_owned() => match slot {
-                        Ok(slot) => slot,
-                        Err(_) => break,
-                    },
-                };
-                let next = tokio::select! {
-                    _ = self.shutdown.cancelled() => break,
-                    _ = dead.cancelled() => break,
-                    next = tokio::time::timeout(self.config.idle_timeout, frames.next()) => next,
-                };
-                match next {
-                    Ok(Some(Ok(frame))) => {
-                        let (server, replies) = (Arc::clone(&self), replies.clone());
-                        tasks.spawn(async move {
-                            if let Some(reply) = server.handle(frame, peer, Transport::Tcp).await {
+            let ended = 'burst: loop {
+                if buf.capacity() == buf.len() {
+                    buf.reserve(READ_CHUNK);
+                }
+                if !connection.hold(buf.capacity()).await {
+                    break Burst::Closed;
+                }
+                let room = tasks.len() < PIPELINE_DEPTH;
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => break Burst::Closed,
+                    _ = dead.cancelled() => break Burst::Closed,
+                    _ = connection.evicted().cancelled() => break Burst::Closed,
+                    Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = tokio::time::sleep_until(*deadline) => {
+                        debug!(%peer, port = "envelope", pending = buf.len(), "partial frame at the deadline; closing");
+                        metrics::connection_closed("envelope", "partial_frame");
+                        break Burst::Closed;
+                    }
+                    n = read.read_buf(&mut buf), if room => match n {
+                        Ok(0) => {
+                            // The peer is done: a frame cut short still gets its 400.
+                            if let Err(EnvelopeCodecError::Frame(bad)) = codec.decode_eof(&mut buf)
+                                && let Some(reply) = self.bad_frame(&bad, peer, Transport::Tcp)
+                            {
                                 let _ = replies.send(reply).await;
                             }
-                            drop(slot);
-                        });
-                    }
-                    Ok(Some(Err(EnvelopeCodecError::Frame(bad)))) => {
-                        if let Some(reply) = self.bad_frame(&bad, peer, Transport::Tcp) {
-                            let _ = replies.send(reply).await;
+                            break Burst::Closed;
                         }
-                        metrics::connection_closed("envelope", "bad_frame");
-                        garbage = true;
-                        break;
-                    }
-                    Ok(Some(Err(EnvelopeCodecError::Io(_))) | None) => break,
-                    Err(_) => {
-                        let pending = frames.read_buffer().len();
-                        debug!(%peer, port = "envelope", pending, "idle or partial frame; closing");
-                        let reason = if pending == 0 {
-                            "idle"
-                        } else {
-                            "partial_frame"
-                        };
-                        metrics::connection_closed("envelope", reason);
-                        break;
+                        Ok(_) => {}
+                        Err(_) => break Burst::Closed,
+                    },
+                }
+                while tasks.len() < PIPELINE_DEPTH {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(frame)) => {
+                            if self.flows.does_work(&frame.header) {
+                                *deadline = tokio::time::Instant::now() + idle_timeout;
+                            }
+                            connection.busy();
+                            let (server, replies) = (Arc::clone(self), replies.clone());
+                            tasks.spawn(async move {
+                                if let Some(reply) =
+                                    server.handle(frame, peer, Transport::Tcp).await
+                                {
+                                    let _ = replies.send(reply).await;
+                                }
+                            });
+                        }
+                        Ok(None) => break,
+                        Err(EnvelopeCodecError::Frame(bad)) => {
+                            if let Some(reply) = self.bad_frame(&bad, peer, Transport::Tcp) {
+                                let _ = replies.send(reply).await;
+                            }
+                            metrics::connection_closed("envelope", "bad_frame");
+                            break 'burst Burst::Garbage;
+                        }
+                        Err(EnvelopeCodecError::Io(_)) => break 'burst Burst::Closed,
                     }
                 }
-                while tasks.try_join_next().is_some() {}
-            }
-            // Answer everything already read before the writer closes the connection.
+                if tasks.is_empty() {
+                    if buf.is_empty() {
+                        break Burst::Drained;
+                    }
+                    connection.idle(Instant::now());
+                }
+            };
+            // Answer everything already read before the writer finishes.
             while tasks.join_next().await.is_some() {}
             drop(replies);
-            garbage.then_some(frames)
+            ended
         };
 
-        let (garbage, ()) = tokio::join!(reader, writer);
-        if let Some(frames) = garbage {
-            linger(frames.into_inner()).await;
-        }
+        let (ended, ()) = tokio::join!(reader, writer);
+        ended
     }
 
     async fn udp_loop(self: Arc<Self>, socket: UdpSocket, tracker: TaskTracker) {
@@ -445,19 +498,60 @@ impl<S: Stores> EnvelopeServer<S> {
 
 /// Reads and discards what the peer still sends, until its EOF, [`LINGER`] or
 /// [`LINGER_MAX_BYTES`], whichever comes first (our FIN is already out).
-async fn linger(mut read: tokio::net::tcp::OwnedReadHalf) {
-    use tokio::io::AsyncReadExt;
+async fn linger(mut stream: TcpStream) {
     let mut buf = [0u8; 4096];
     let mut total = 0;
     let _ = tokio::time::timeout(LINGER, async {
         while total < LINGER_MAX_BYTES {
-            match read.read(&mut buf).await {
+            match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => total += n,
             }
         }
     })
     .await;
+}
+
+/// How a burst of a connection ended.
+enum Burst {
+    /// Every frame read was answered and nothing partial is left: wait for more.
+    Drained,
+    /// The peer closed, the deadline passed, the listener shuts down, or the
+    /// connection was evicted: replies already due were sent.
+    Closed,
+    /// Bytes that are no frame: the 400 was sent; close the write side and linger.
+    Garbage,
+}
+
+/// Bytes read at a time into an empty buffer (a frame's own length reserves more).
+const READ_CHUNK: usize = 4096;
+
+/// Sends replies as they come, those ready together in one write, until the reader
+/// drops its sender; gives up (cancelling `dead`) when the peer stops reading for
+/// `timeout`. Holds no buffer between writes.
+async fn write_replies(
+    mut write: tokio::net::tcp::WriteHalf<'_>,
+    mut outbox: mpsc::Receiver<EnvelopeFrame>,
+    timeout: std::time::Duration,
+    dead: CancellationToken,
+    peer: SocketAddr,
+) {
+    let _dead = dead.drop_guard();
+    while let Some(first) = outbox.recv().await {
+        let mut bytes = first.to_vec();
+        while let Ok(more) = outbox.try_recv() {
+            bytes.extend_from_slice(&more.to_vec());
+        }
+        match tokio::time::timeout(timeout, write.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                debug!(%peer, port = "envelope", "peer not reading its replies; closing");
+                metrics::connection_closed("envelope", "write_timeout");
+                return;
+            }
+        }
+    }
 }
 
 /// What a UDP reply too large for the rules becomes: a 413 with the same flow, kind and

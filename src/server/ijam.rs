@@ -7,19 +7,19 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use super::admission::Admission;
-use super::listen::{BindError, DatagramPort, accept_loop, bind_pair, listen, serve_datagrams};
+use super::listen::{
+    BindError, Connection, DatagramPort, Wake, accept_loop, bind_pair, listen, serve_datagrams,
+    wait_for_request,
+};
 use super::pool::CryptoPool;
 use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics, rejected};
-use crate::codec::FixedFrameCodec;
 use crate::core::{clock, random};
 use crate::flow::ijam::{IjamError, IjamFlow, RegisterRandomness};
 use crate::flow::{Offload, Refusal};
@@ -85,6 +85,9 @@ struct Answer {
     reply: Vec<u8>,
     /// Undecryptable or malformed: too many in a row close a TCP connection.
     bad: bool,
+    /// The request was admitted and did its work (whatever its outcome): it moves the
+    /// connection's deadline.
+    progress: bool,
 }
 
 /// Everything a connection task needs.
@@ -140,9 +143,9 @@ impl<S: IjamStore> IjamServer<S> {
             limit.clone(),
             cancel.clone(),
             tracker.clone(),
-            move |stream, peer| {
+            move |stream, peer, connection| {
                 let s = Arc::clone(&s);
-                async move { s.cert_connection(stream, peer).await }
+                async move { s.cert_connection(stream, peer, connection).await }
             },
         ));
         let s = Arc::clone(self);
@@ -152,9 +155,9 @@ impl<S: IjamStore> IjamServer<S> {
             limit.clone(),
             cancel.clone(),
             tracker.clone(),
-            move |stream, peer| {
+            move |stream, peer, connection| {
                 let s = Arc::clone(&s);
-                async move { s.register_connection(stream, peer).await }
+                async move { s.register_connection(stream, peer, connection).await }
             },
         ));
         let s = Arc::clone(self);
@@ -164,9 +167,9 @@ impl<S: IjamStore> IjamServer<S> {
             limit,
             cancel.clone(),
             tracker.clone(),
-            move |stream, peer| {
+            move |stream, peer, connection| {
                 let s = Arc::clone(&s);
-                async move { s.state_connection(stream, peer).await }
+                async move { s.state_connection(stream, peer, connection).await }
             },
         ));
         let s = Arc::clone(self);
@@ -207,12 +210,30 @@ impl<S: IjamStore> IjamServer<S> {
         ));
     }
 
-    async fn cert_connection(&self, mut stream: TcpStream, peer: SocketAddr) {
+    /// Certificate fetches are no progress: the connection closes `--idle-timeout` after
+    /// it opened, however many it asks for.
+    async fn cert_connection(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        connection: Connection,
+    ) {
+        let deadline = tokio::time::Instant::now() + self.config.idle_timeout;
         let mut request = [0u8; 4];
         loop {
+            match wait_for_request(&stream, &connection, &self.shutdown, deadline).await {
+                Wake::Readable => {}
+                Wake::Deadline => {
+                    debug!(flow = "ijam", port = "cert", %peer, "deadline; closing");
+                    metrics::connection_closed("cert", "idle");
+                    return;
+                }
+                Wake::End => return,
+            }
             let read = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                read = tokio::time::timeout(self.config.idle_timeout, stream.read_exact(&mut request)) => read,
+                _ = connection.evicted().cancelled() => return,
+                read = tokio::time::timeout_at(deadline, stream.read_exact(&mut request)) => read,
             };
             let started = Instant::now();
             match read {
@@ -242,28 +263,44 @@ impl<S: IjamStore> IjamServer<S> {
                 }
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    debug!(flow = "ijam", port = "cert", %peer, "idle; closing");
-                    metrics::connection_closed("cert", "idle");
+                    debug!(flow = "ijam", port = "cert", %peer, "magic dribbled past the deadline; closing");
+                    metrics::connection_closed("cert", "partial_frame");
                     return;
                 }
             }
         }
     }
 
-    async fn register_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
+    async fn register_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        connection: Connection,
+    ) {
         // A connection frames by the key in force when it opened (a rotation keeps
         // the size, see `registrar key rotate`).
         let frame_len = self.flow.keys().ciphertext_len();
-        self.frame_loop(stream, peer, "reg", frame_len, |s, frame| async move {
-            s.register(frame, peer, Transport::Tcp).await
-        })
-        .await
-    }
-
-    async fn state_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
         self.frame_loop(
             stream,
             peer,
+            connection,
+            "reg",
+            frame_len,
+            |s, frame| async move { s.register(frame, peer, Transport::Tcp).await },
+        )
+        .await
+    }
+
+    async fn state_connection(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        connection: Connection,
+    ) {
+        self.frame_loop(
+            stream,
+            peer,
+            connection,
             "state",
             STATE_REQUEST_LEN,
             |s, frame| async move { Some(s.state(frame, peer, Transport::Tcp).await) },
@@ -271,11 +308,15 @@ impl<S: IjamStore> IjamServer<S> {
         .await
     }
 
-    /// Reads fixed-size frames until EOF, the idle timeout, or too many bad frames.
+    /// Reads fixed-size frames until EOF, the deadline, or too many bad frames. Between
+    /// requests the connection holds no buffer; a frame's buffer is taken on its first
+    /// byte. The deadline is `--idle-timeout` after the connection opened or after its
+    /// last request that did work.
     async fn frame_loop<F, Fut>(
         self: Arc<Self>,
-        stream: TcpStream,
+        mut stream: TcpStream,
         peer: SocketAddr,
+        connection: Connection,
         port: &'static str,
         len: usize,
         handle: F,
@@ -284,36 +325,52 @@ impl<S: IjamStore> IjamServer<S> {
         Fut: Future<Output = Option<Answer>>,
     {
         let _ = stream.set_nodelay(true);
-        let mut framed = Framed::new(stream, FixedFrameCodec::new(len));
+        let idle_timeout = self.config.idle_timeout;
+        let mut deadline = tokio::time::Instant::now() + idle_timeout;
         let mut bad_in_a_row = 0;
         loop {
-            let next = tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                next = tokio::time::timeout(self.config.idle_timeout, framed.next()) => next,
-            };
-            let frame = match next {
-                Ok(Some(Ok(frame))) => frame.freeze(),
-                Ok(Some(Err(_)) | None) => return,
-                Err(_) => {
-                    let pending = framed.read_buffer().len();
-                    debug!(%peer, port, pending, "idle or partial frame; closing");
-                    metrics::connection_closed(
-                        port,
-                        if pending == 0 {
-                            "idle"
-                        } else {
-                            "partial_frame"
-                        },
-                    );
+            match wait_for_request(&stream, &connection, &self.shutdown, deadline).await {
+                Wake::Readable => {}
+                Wake::Deadline => {
+                    debug!(%peer, port, "no request before the deadline; closing");
+                    metrics::connection_closed(port, "idle");
                     return;
                 }
+                Wake::End => return,
+            }
+            if !connection.hold(len).await {
+                return;
+            }
+            let mut frame = vec![0u8; len];
+            let read = tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = connection.evicted().cancelled() => return,
+                read = tokio::time::timeout_at(deadline, stream.read_exact(&mut frame)) => read,
             };
+            match read {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    debug!(%peer, port, "partial frame at the deadline; closing");
+                    metrics::connection_closed(port, "partial_frame");
+                    return;
+                }
+            }
             debug!(%peer, port, "request received");
-            let Some(answer) = handle(Arc::clone(&self), frame).await else {
+            connection.busy();
+            let answer = handle(Arc::clone(&self), Bytes::from(frame)).await;
+            connection.release();
+            let Some(answer) = answer else {
+                connection.idle(Instant::now());
                 continue;
             };
-            if framed.send(Bytes::from(answer.reply)).await.is_err() {
+            let sent = tokio::time::timeout(idle_timeout, stream.write_all(&answer.reply)).await;
+            if !matches!(sent, Ok(Ok(()))) {
                 return;
+            }
+            connection.idle(Instant::now());
+            if answer.progress {
+                deadline = tokio::time::Instant::now() + idle_timeout;
             }
             bad_in_a_row = if answer.bad { bad_in_a_row + 1 } else { 0 };
             if bad_in_a_row >= self.config.max_bad_frames {
@@ -383,6 +440,7 @@ impl<S: IjamStore> IjamServer<S> {
                 Some(Answer {
                     reply: reply.to_vec(),
                     bad: false,
+                    progress: true,
                 })
             }
             Err(Ok(e)) => {
@@ -391,6 +449,7 @@ impl<S: IjamStore> IjamServer<S> {
                 Some(Answer {
                     reply: e.register_reply(),
                     bad,
+                    progress: !bad,
                 })
             }
             Err(Err(refusal)) => {
@@ -403,6 +462,7 @@ impl<S: IjamStore> IjamServer<S> {
                 Some(Answer {
                     reply: ijam::error_reply(status, reason),
                     bad: false,
+                    progress: false,
                 })
             }
         }
@@ -425,6 +485,7 @@ impl<S: IjamStore> IjamServer<S> {
                 return Answer {
                     reply: e.state_reply(),
                     bad: true,
+                    progress: false,
                 };
             }
         };
@@ -433,6 +494,7 @@ impl<S: IjamStore> IjamServer<S> {
             return Answer {
                 reply: ijam::state_reply(ijam::Status::TOO_MANY_REQUESTS).to_vec(),
                 bad: false,
+                progress: false,
             };
         }
         let result = self
@@ -452,13 +514,16 @@ impl<S: IjamStore> IjamServer<S> {
                 Answer {
                     reply: ijam::state_reply(ijam::Status::OK).to_vec(),
                     bad: false,
+                    progress: true,
                 }
             }
             Err(e) => {
                 finish(at, None, latency, failed(&e));
+                let bad = matches!(e, IjamError::Malformed(_));
                 Answer {
                     reply: e.state_reply().to_vec(),
-                    bad: matches!(e, IjamError::Malformed(_)),
+                    bad,
+                    progress: !bad,
                 }
             }
         }

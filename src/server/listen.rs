@@ -1,15 +1,17 @@
 //! Sockets: binding them (a port in use is an error naming it), the accept loop every
-//! TCP port shares (the one connection cap), and the datagram loop every UDP port
+//! TCP port shares (the one connection table), and the datagram loop every UDP port
 //! shares.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+
+pub use super::connections::{Connection, ConnectionLimit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -18,32 +20,6 @@ use super::metrics;
 
 /// Largest UDP datagram we read whole; longer ones are truncated and so rejected.
 pub(crate) const MAX_DATAGRAM: usize = 65_536;
-
-/// The cap on open TCP connections, one for all the ports of a listener: cloning it
-/// shares it.
-#[derive(Debug, Clone)]
-pub struct ConnectionLimit {
-    permits: Arc<Semaphore>,
-    max: usize,
-}
-
-impl ConnectionLimit {
-    pub fn new(max: usize) -> Self {
-        ConnectionLimit {
-            permits: Arc::new(Semaphore::new(max)),
-            max,
-        }
-    }
-
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// A permit for one more connection, held while it is open; `None` at the cap.
-    pub fn try_acquire(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        Arc::clone(&self.permits).try_acquire_owned().ok()
-    }
-}
 
 /// A socket that could not be bound, named as the operator knows it.
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +113,8 @@ pub(crate) async fn bind_pair(
     Err(error(addr, last))
 }
 
-/// Accepts on `listener` until `cancel`, each connection under a permit of `limit`
-/// (none left: closed at once, counted for `port`) and served by `serve` on `tracker`.
+/// Accepts on `listener` until `cancel`, each connection given its place in `limit`
+/// (none: closed at once, counted for `port`) and served by `serve` on `tracker`.
 pub(crate) async fn accept_loop<F, Fut>(
     port: &'static str,
     listener: TcpListener,
@@ -147,7 +123,7 @@ pub(crate) async fn accept_loop<F, Fut>(
     tracker: TaskTracker,
     serve: F,
 ) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
+    F: Fn(TcpStream, SocketAddr, Connection) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     loop {
@@ -164,19 +140,54 @@ pub(crate) async fn accept_loop<F, Fut>(
                 continue;
             }
         };
-        let Some(permit) = limit.try_acquire() else {
-            // One line per refusal would flood the log under attack: the metric counts.
-            debug!(%peer, port, max = limit.max(), "connection limit reached; closing");
-            metrics::connection_refused(port);
-            continue;
+        let connection = match limit.try_open(peer.ip(), port, Instant::now()) {
+            Ok(connection) => connection,
+            Err(refused) => {
+                // One line per refusal would flood the log under attack: the metric counts.
+                debug!(%peer, port, reason = refused.as_str(), "connection refused; closing");
+                metrics::connection_refused(port, refused.as_str());
+                continue;
+            }
         };
-        let conn = serve(stream, peer);
+        let conn = serve(stream, peer, connection);
         tracker.spawn(async move {
             let _open = metrics::OpenConnection::new();
-            // The connection ends itself at shutdown, after answering what it has read.
+            // The connection ends itself at shutdown, after answering what it has
+            // read; its place in the table goes with it.
             conn.await;
-            drop(permit);
         });
+    }
+}
+
+/// What a connection waiting for its next request woke up to.
+pub(crate) enum Wake {
+    /// Bytes to read.
+    Readable,
+    /// Its deadline passed with no request begun.
+    Deadline,
+    /// Shutdown, an eviction, the peer's close, or a dead socket: end without a word.
+    End,
+}
+
+/// Waits, holding no buffer, until `stream` has something to read, `deadline` passes,
+/// the listener shuts down or the table evicts `connection`.
+pub(crate) async fn wait_for_request(
+    stream: &TcpStream,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+    deadline: tokio::time::Instant,
+) -> Wake {
+    let mut first = [0u8; 1];
+    tokio::select! {
+        _ = shutdown.cancelled() => Wake::End,
+        _ = connection.evicted().cancelled() => Wake::End,
+        _ = tokio::time::sleep_until(deadline) => Wake::Deadline,
+        // A peek, not `readable()`: readiness may be a false positive, and a request
+        // must really have begun before the connection takes a buffer.
+        peeked = stream.peek(&mut first) => match peeked {
+            Ok(0) | Err(_) => Wake::End,
+            Ok(_) => Wake::Readable,
+        },
     }
 }
 

@@ -168,9 +168,10 @@ pub fn crypto_queue_depth(depth: usize) {
     gauge!(CRYPTO_QUEUE).set(depth as f64);
 }
 
-/// A TCP connection refused at accept because `--max-connections` were open.
-pub fn connection_refused(port: &'static str) {
-    counter!(CONNECTIONS_REFUSED, "port" => port).increment(1);
+/// A TCP connection refused at accept: its source had `--max-connections-per-source`
+/// open (`source_full`), or `--max-connections` were open and none idle (`full`).
+pub fn connection_refused(port: &'static str, reason: &'static str) {
+    counter!(CONNECTIONS_REFUSED, "port" => port, "reason" => reason).increment(1);
 }
 
 /// Why the server closed a TCP connection (idle, partial frame, bad frames, …).
@@ -243,11 +244,11 @@ fn describe_series() {
     describe_gauge!(CONNECTIONS, "TCP connections open now, all ports together.");
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "TCP connections closed at accept because --max-connections were open, by port."
+        "TCP connections closed at accept, by port and reason (source_full: --max-connections-per-source; full: --max-connections with none idle)."
     );
     describe_counter!(
         CONNECTIONS_CLOSED,
-        "TCP connections the server closed, by port and reason (idle, partial_frame, bad_frames, …)."
+        "TCP connections the server closed, by port and reason (idle, partial_frame, bad_frames, evicted, buffer_budget, …)."
     );
     describe_gauge!(
         CRYPTO_QUEUE,

@@ -6,6 +6,7 @@
 //! Only a dead socket ends a listener: a bad peer is logged and dropped.
 
 pub mod admission;
+pub mod connections;
 pub mod envelope;
 pub mod ijam;
 pub mod listen;
@@ -22,13 +23,21 @@ use crate::flow::Refusal;
 pub use ijam::{IjamServer, IjamSockets};
 pub use listen::{BindError, ConnectionLimit, UDP_RECEIVE_BUFFER};
 
+/// Connections one source address may hold: a NAT gateway in front of a few hundred
+/// devices registering at once still fits.
+pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 512;
+
+/// Request bytes all connections together may hold in their buffers.
+pub const DEFAULT_MAX_BUFFERED: usize = 64 << 20;
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// A TCP connection with no complete frame for this long is closed (idle, or a
-    /// partial frame dribbled in).
+    /// A TCP connection is closed this long after it opened or after its last request
+    /// that did work (a registration, a state change, a signed request), whatever it
+    /// sent meanwhile: silence, a dribbled frame, Hellos or certificate fetches.
     pub idle_timeout: Duration,
-    /// Open TCP connections across all ports; more are closed on accept. Every server
-    /// built from clones of one config shares it.
+    /// The table of open TCP connections across all ports (caps, eviction, the buffer
+    /// budget). Every server built from clones of one config shares it.
     pub connections: ConnectionLimit,
     /// Undecryptable or malformed frames in a row before a TCP connection is closed.
     pub max_bad_frames: u32,
@@ -43,7 +52,11 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             idle_timeout: Duration::from_secs(30),
-            connections: ConnectionLimit::new(10_000),
+            connections: ConnectionLimit::new(
+                10_000,
+                DEFAULT_CONNECTIONS_PER_SOURCE,
+                DEFAULT_MAX_BUFFERED,
+            ),
             max_bad_frames: 4,
             max_udp_in_flight: 4096,
             rate_per_source: 100.0,

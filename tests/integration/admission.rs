@@ -336,7 +336,8 @@ fn idle_and_dribbling_connections_are_closed_and_counted() {
             &text,
             "registrar_connections_closed_total{port=\"reg\",reason=\"idle\"}"
         ),
-        1.0
+        1.0,
+        "{text}"
     );
     assert_eq!(
         sample(
@@ -347,39 +348,155 @@ fn idle_and_dribbling_connections_are_closed_and_counted() {
     );
 }
 
-#[test]
-fn connections_over_the_cap_are_closed_at_once_and_counted() {
-    let (l, metrics) = start(&["--max-connections", "2"]);
-    // Two connections, each proven accepted (and holding its permit) by a reply.
-    let mut first = connect(l.ports.reg_tcp);
-    first.write_all(&bogus_request(&l)).unwrap();
+/// A reply to `request` (a [`bogus_request`], made before: making one opens a
+/// connection) proves the connection was accepted and has its place in the table.
+fn accepted_on_reg(request: &[u8], stream: &mut TcpStream) {
+    stream.write_all(request).unwrap();
     let mut reply = [0u8; 21];
-    first.read_exact(&mut reply).unwrap();
+    stream.read_exact(&mut reply).unwrap();
     assert_eq!(reply.as_slice(), REPLY_401);
-    let mut second = connect(l.ports.state_tcp);
-    second
-        .write_all(&state_frame(
-            uuid::Uuid::from_bytes([1; 16]),
-            &random_key(),
-            registrar::wire::ijam::StateCode::Online,
-        ))
-        .unwrap();
-    let mut reply = [0u8; 2];
-    second.read_exact(&mut reply).unwrap();
-    assert_eq!(reply, 404u16.to_le_bytes());
-    assert_eq!(sample(&scrape(metrics), "registrar_open_connections"), 2.0);
-    let mut third = connect(l.ports.reg_tcp);
-    let started = Instant::now();
+}
+
+/// Whether the server closed `stream` (EOF or reset).
+fn closed(stream: &mut TcpStream) -> bool {
     let mut buf = Vec::new();
-    let _ = third.read_to_end(&mut buf);
-    assert!(buf.is_empty());
-    assert!(started.elapsed() < TIMEOUT, "closed, not left hanging");
+    match stream.read_to_end(&mut buf) {
+        Ok(_) => buf.is_empty(),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn a_full_table_makes_room_by_closing_the_connection_idle_the_longest() {
+    let (l, metrics) = start(&["--max-connections", "2"]);
+    let request = bogus_request(&l);
+    let mut first = connect(l.ports.reg_tcp);
+    accepted_on_reg(&request, &mut first);
+    let mut second = connect(l.ports.reg_tcp);
+    accepted_on_reg(&request, &mut second);
+    assert_eq!(sample(&scrape(metrics), "registrar_open_connections"), 2.0);
+    // A newcomer is let in: the first (idle the longest) goes, the second stays.
+    let mut third = connect(l.ports.reg_tcp);
+    accepted_on_reg(&request, &mut third);
+    assert!(closed(&mut first), "the longest idle was closed");
+    accepted_on_reg(&request, &mut second);
     let text = scrape(metrics);
-    assert!(
-        sample(&text, "registrar_connections_refused_total{port=\"reg\"}") >= 1.0,
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_closed_total{port=\"reg\",reason=\"evicted\"}"
+        ),
+        1.0,
         "{text}"
     );
-    drop((first, second));
+}
+
+/// One source cannot take every connection: past its own cap it is refused at accept,
+/// and another source is still let in.
+#[test]
+fn a_source_past_its_connection_cap_is_refused_and_others_are_not() {
+    let (l, metrics) = start(&["--max-connections-per-source", "2"]);
+    let request = bogus_request(&l);
+    let mut held = [connect(l.ports.reg_tcp), connect(l.ports.reg_tcp)];
+    for stream in &mut held {
+        accepted_on_reg(&request, stream);
+    }
+    let mut third = connect(l.ports.reg_tcp);
+    let started = Instant::now();
+    assert!(closed(&mut third));
+    assert!(started.elapsed() < TIMEOUT, "closed, not left hanging");
+    let mut other = connect_from("127.0.0.2:0".parse().unwrap(), l.ports.reg_tcp);
+    accepted_on_reg(&request, &mut other);
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_refused_total{port=\"reg\",reason=\"source_full\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    // The held ones were never disturbed.
+    for stream in &mut held {
+        accepted_on_reg(&request, stream);
+    }
+}
+
+/// Requests that cost nothing (a Hello, a certificate) and a dribbled magic do not keep
+/// a connection past its deadline; requests that did work do.
+#[test]
+fn only_requests_that_did_work_keep_a_connection_open() {
+    let (l, metrics) = start(&["--idle-timeout", "1s"]);
+    // Hellos every 200 ms: closed about a second after it opened.
+    let mut hellos = connect(l.ports.envelope_tcp);
+    let opened = Instant::now();
+    let mut answered = 0;
+    loop {
+        let hello = registrar::client::pubkey::hello_frame(answered);
+        if hellos.write_all(&hello).is_err() {
+            break;
+        }
+        match envelope_client::read_frame(&mut hellos) {
+            Some(reply) => assert_eq!(reply.status(), Status::OK),
+            None => break,
+        }
+        answered += 1;
+        assert!(answered < 50, "Hellos kept the connection open");
+        // The peer's behaviour under test, not synchronisation.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(opened.elapsed() >= Duration::from_secs(1));
+    // Challenges (rate limited: work) every 200 ms for 2 s: still open.
+    let mut worker = connect(l.ports.envelope_tcp);
+    let device = DeviceId([9; 16]);
+    for i in 0..10 {
+        let challenge = registrar::client::pubkey::challenge_frame(i, device);
+        worker.write_all(&challenge).unwrap();
+        let reply = envelope_client::read_frame(&mut worker).expect("still open");
+        assert_eq!(reply.status(), Status::NOT_FOUND);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Certificate fetches every 200 ms, and a magic dribbled a byte at a time: each
+    // closed at its deadline.
+    let mut fetcher = connect(l.ports.cert);
+    let mut fetched = 0;
+    while fetcher
+        .write_all(&registrar::wire::ijam::CERT_REQUEST)
+        .is_ok()
+    {
+        let mut pem = [0u8; 800];
+        if fetcher.read_exact(&mut pem).is_err() {
+            break;
+        }
+        fetched += 1;
+        assert!(fetched < 50, "certificate fetches kept the connection open");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut dribbler = connect(l.ports.cert);
+    for byte in registrar::wire::ijam::CERT_REQUEST.iter().take(3) {
+        let _ = dribbler.write_all(&[*byte]);
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(closed(&mut dribbler));
+    let text = scrape(metrics);
+    // The Hello connection, and the worker a second after its last challenge.
+    for (port, reason, count) in [
+        ("envelope", "idle", 2.0),
+        ("cert", "idle", 1.0),
+        ("cert", "partial_frame", 1.0),
+    ] {
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "registrar_connections_closed_total{{port=\"{port}\",reason=\"{reason}\"}}"
+                )
+            ),
+            count,
+            "{port} {reason}: {text}"
+        );
+    }
+    drop(worker);
 }
 
 #[test]
@@ -679,15 +796,11 @@ fn every_port_counts_its_requests_and_every_series_is_described() {
 }
 
 #[test]
-fn one_connection_cap_covers_every_port() {
+fn one_connection_table_covers_every_port() {
     let (l, metrics) = start(&["--max-connections", "2"]);
-    // One connection on the registration port and one on the envelope port, each
-    // proven accepted (and holding its permit) by a reply.
+    let request = bogus_request(&l);
     let mut reg = connect(l.ports.reg_tcp);
-    reg.write_all(&bogus_request(&l)).unwrap();
-    let mut reply = [0u8; 21];
-    reg.read_exact(&mut reply).unwrap();
-    assert_eq!(reply.as_slice(), REPLY_401);
+    accepted_on_reg(&request, &mut reg);
     let mut envelope = connect(l.ports.envelope_tcp);
     envelope
         .write_all(&registrar::client::pubkey::hello_frame(3))
@@ -696,21 +809,22 @@ fn one_connection_cap_covers_every_port() {
         envelope_client::read_frame(&mut envelope).unwrap().status(),
         Status::OK
     );
-    // The cap is reached: a third connection is closed on any port.
-    for (port, addr) in [("envelope", l.ports.envelope_tcp), ("cert", l.ports.cert)] {
-        let mut third = connect(addr);
-        let mut buf = Vec::new();
-        let _ = third.read_to_end(&mut buf);
-        assert!(buf.is_empty(), "{port}");
-        let text = scrape(metrics);
-        assert_eq!(
-            sample(
-                &text,
-                &format!("registrar_connections_refused_total{{port=\"{port}\"}}")
-            ),
-            1.0,
-            "{text}"
-        );
-    }
-    drop((reg, envelope));
+    // The table is full: a connection on a third port takes the place of the one idle
+    // the longest, on another port.
+    let mut cert = connect(l.ports.cert);
+    cert.write_all(&registrar::wire::ijam::CERT_REQUEST)
+        .unwrap();
+    cert.read_exact(&mut [0u8; 800]).unwrap();
+    assert!(closed(&mut reg));
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_closed_total{port=\"reg\",reason=\"evicted\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "registrar_open_connections"), 2.0);
+    drop(envelope);
 }

@@ -213,20 +213,3 @@ fn soak_hostile_frames_on_every_port_while_a_legitimate_client_registers() {
         "RSS grew from {warm_rss} to {end_rss} KiB"
     );
 }
-
-/// A TCP connection from a chosen local address (std has no bind-before-connect).
-fn connect_from(local: SocketAddr, remote: SocketAddr) -> TcpStream {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let stream = rt.block_on(async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(local).unwrap();
-        socket.connect(remote).await.unwrap()
-    });
-    let std = stream.into_std().unwrap();
-    std.set_nonblocking(false).unwrap();
-    std.set_read_timeout(Some(TIMEOUT)).unwrap();
-    std
-}

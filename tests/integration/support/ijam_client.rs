@@ -135,3 +135,19 @@ pub fn tcp_exchange_all_at_once(addr: SocketAddr, requests: Vec<Vec<u8>>) -> Vec
         .collect();
     senders.into_iter().map(|s| s.join().unwrap()).collect()
 }
+
+/// A TCP connection from a chosen local address, e.g. `127.0.0.2:0` for a source of its
+/// own (std has no bind-before-connect).
+pub fn connect_from(local: SocketAddr, remote: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(remote),
+        socket2::Type::STREAM,
+        None,
+    )
+    .unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket.connect(&remote.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream
+}
