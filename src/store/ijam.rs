@@ -213,6 +213,22 @@ pub trait IjamStore: Send + Sync + 'static {
     /// Status `revoked`, key erased; later state requests get 403 and a registration
     /// naming this id gets a fresh one.
     fn revoke_node(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every node key still sealed in the first format ([`SealedNodeKey::is_legacy`]),
+    /// with its node's id: what `registrar serve` re-seals, bound to that id, before it
+    /// serves. Reads every node (SCAN on Redis): a start-up path, never a request's.
+    fn legacy_sealed_keys(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(Uuid, SealedNodeKey)>, StoreError>> + Send;
+    /// Replaces node `id`'s sealed key by `new` only while it is still `current`, so a
+    /// registration that re-keyed the node meanwhile keeps its key, and an erased key
+    /// stays erased; true when replaced (false: changed meanwhile, erased, no such node).
+    fn replace_sealed_key(
+        &self,
+        id: Uuid,
+        current: &SealedNodeKey,
+        new: &SealedNodeKey,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
 /// The keyed hash of a passphrase a protected store takes; any other form is a

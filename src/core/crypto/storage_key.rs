@@ -40,6 +40,19 @@ impl fmt::Debug for SealedNodeKey {
     }
 }
 
+impl SealedNodeKey {
+    /// The length of a value in the first format, nonce ‖ ct ‖ tag under a constant
+    /// associated data: one such value opens in any node's record, so these are
+    /// re-sealed at start and never opened to serve.
+    pub const LEGACY_LEN: usize = aead::NONCE_LEN + 32 + aead::MAX_TAG_LEN;
+
+    /// Whether this value is in the first format (told apart by its length alone:
+    /// its first byte is a random nonce's).
+    pub fn is_legacy(&self) -> bool {
+        self.0.len() == Self::LEGACY_LEN
+    }
+}
+
 /// How a store keeps passphrases and node keys: protected (keyed hashes, sealed keys:
 /// every native store), or in clear (the JAMScript-OTA portal's own Redis layout,
 /// whose web pages read them as typed).

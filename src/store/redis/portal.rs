@@ -24,7 +24,7 @@ use super::{RedisStore, field, tag, unexpected};
 use crate::core::ids::{DeviceId, NodeKey};
 use crate::store::ijam::{
     AtRest, IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, StoredNodeKey, StoredPassphrase, TransitionOutcome,
+    RegisterOutcome, SealedNodeKey, StoredNodeKey, StoredPassphrase, TransitionOutcome,
 };
 use crate::store::pubkey::{AttestOp, AttestOutcome, Device, DeviceRegisterOutcome, PubkeyStore};
 use crate::store::{StoreError, Stores};
@@ -532,6 +532,20 @@ impl IjamStore for PortalStore {
             "unknown" => Err(StoreError::UnknownNode(id)),
             _ => Err(unexpected("portal/revoke_node", &reply)),
         }
+    }
+
+    /// Nothing is sealed here: the portal keeps node keys in clear.
+    async fn legacy_sealed_keys(&self) -> Result<Vec<(Uuid, SealedNodeKey)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn replace_sealed_key(
+        &self,
+        _id: Uuid,
+        _current: &SealedNodeKey,
+        _new: &SealedNodeKey,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
     }
 }
 

@@ -34,7 +34,8 @@ crate::store::battery!(crate::store::ijam;
         transition_unknown_node,
         revoke_node,
         nodes_sorted,
-        import_node_writes_a_node_as_it_stands;
+        import_node_writes_a_node_as_it_stands,
+        legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged;
     shared: concurrent_registrations,
 );
 
@@ -62,10 +63,20 @@ fn replay(label: &str) -> ReplayKey {
     ReplayKey(bytes(&format!("replay:{label}")))
 }
 
+/// A sealed key as the flow makes them (a version byte and 60 bytes): the stores keep
+/// it as it comes.
 fn sealed(label: &str) -> StoredNodeKey {
-    StoredNodeKey::Sealed(SealedNodeKey(
-        bytes(&format!("key:{label}")).repeat(2)[..60].to_vec(),
-    ))
+    let mut value = vec![0x02];
+    value.extend_from_slice(&bytes(&format!("key:{label}")).repeat(2)[..60]);
+    StoredNodeKey::Sealed(SealedNodeKey(value))
+}
+
+/// A sealed key in the first format, not bound to its node (60 bytes), as stores
+/// made before the binding hold them.
+fn legacy_sealed(label: &str) -> SealedNodeKey {
+    let value = bytes(&format!("legacy:{label}")).repeat(2)[..60].to_vec();
+    assert!(SealedNodeKey(value.clone()).is_legacy());
+    SealedNodeKey(value)
 }
 
 fn stored(label: &str) -> StoredPassphrase {
@@ -967,4 +978,98 @@ pub async fn import_node_writes_a_node_as_it_stands<S: IjamStore>(s: &S) {
             .unwrap(),
         TransitionOutcome::Changed { .. }
     ));
+}
+
+/// `registrar serve` re-seals keys of the first format at start: the store lists them
+/// with their node, and replaces one only while it still holds the value listed.
+pub async fn legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged<S: IjamStore>(s: &S) {
+    network_with(s, "net", "alice", &[]).await;
+    assert_eq!(s.legacy_sealed_keys().await.unwrap(), vec![]);
+    let bound = new_node(s, "net", "bound", id(1)).await;
+    let imported = |n: u128, status: NodeStatus, key: StoredNodeKey| Node {
+        id: id(n),
+        network: "net".into(),
+        owner: "alice".into(),
+        name: format!("old-{n}"),
+        node_type: "device".into(),
+        arch: "x86_ubuntu".into(),
+        status,
+        key,
+        ip: String::new(),
+        created_ms: NOW - 10,
+        registered_ms: NOW - 10,
+        online_ms: 0,
+    };
+    for n in [3, 2] {
+        let key = StoredNodeKey::Sealed(legacy_sealed(&n.to_string()));
+        assert!(
+            s.import_node(imported(n, NodeStatus::Online, key))
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        s.import_node(imported(4, NodeStatus::Revoked, StoredNodeKey::None))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.legacy_sealed_keys().await.unwrap(),
+        vec![(id(2), legacy_sealed("2")), (id(3), legacy_sealed("3"))],
+        "the first format only, by node id; neither the bound key nor an erased one"
+    );
+
+    let StoredNodeKey::Sealed(resealed) = sealed("resealed") else {
+        unreachable!()
+    };
+    let before = s.node(id(2)).await.unwrap().unwrap();
+    assert!(
+        !s.replace_sealed_key(id(2), &legacy_sealed("3"), &resealed)
+            .await
+            .unwrap(),
+        "not the value the node holds"
+    );
+    assert_eq!(s.node(id(2)).await.unwrap(), Some(before.clone()));
+    assert!(
+        s.replace_sealed_key(id(2), &legacy_sealed("2"), &resealed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.node(id(2)).await.unwrap(),
+        Some(Node {
+            key: StoredNodeKey::Sealed(resealed.clone()),
+            ..before
+        }),
+        "the key and nothing else"
+    );
+    assert!(
+        !s.replace_sealed_key(id(2), &legacy_sealed("2"), &legacy_sealed("2"))
+            .await
+            .unwrap(),
+        "replaced already: a second listener starting at once leaves it"
+    );
+    assert_eq!(
+        s.legacy_sealed_keys().await.unwrap(),
+        vec![(id(3), legacy_sealed("3"))]
+    );
+
+    // Nothing is made or revived: an unknown node, an erased key, a bound key.
+    assert!(
+        !s.replace_sealed_key(id(404), &legacy_sealed("2"), &resealed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.node(id(404)).await.unwrap(), None);
+    let revoked = s.node(id(4)).await.unwrap();
+    assert!(
+        !s.replace_sealed_key(id(4), &SealedNodeKey(Vec::new()), &resealed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.node(id(4)).await.unwrap(), revoked);
+    let StoredNodeKey::Sealed(bound_key) = s.node(bound).await.unwrap().unwrap().key else {
+        panic!("registered with a sealed key")
+    };
+    assert!(!bound_key.is_legacy());
 }
