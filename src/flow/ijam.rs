@@ -215,6 +215,10 @@ impl<S: IjamStore> IjamFlow<S> {
     ) -> Result<(Registered, [u8; ijam::REGISTER_REPLY_LEN]), IjamError> {
         let network = request.network_id.as_str();
         let at_rest = self.store.at_rest();
+        let node_key = self
+            .storage
+            .store_node_key(at_rest, &request.node_key, rand.seal_nonce)
+            .map_err(IjamError::Crypto)?;
         let op = RegisterOp {
             network: network.to_owned(),
             passphrase: self.storage.store_passphrase(
@@ -226,10 +230,8 @@ impl<S: IjamStore> IjamFlow<S> {
             replay_ttl_ms: self.replay_ttl_ms,
             requested_id: request.node_id,
             fresh_id: rand.fresh_id,
-            node_key: self
-                .storage
-                .store_node_key(at_rest, &request.node_key, rand.seal_nonce)
-                .map_err(IjamError::Crypto)?,
+            requested_node_key: request.node_id.map(|_| node_key.clone()),
+            fresh_node_key: node_key,
             node_type: request.node_type.as_str(),
             arch: request.node_arch.as_str(),
             now_ms,

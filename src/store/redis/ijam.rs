@@ -448,7 +448,11 @@ impl IjamStore for RedisStore {
                 op.requested_id
                     .map(|id| id.hyphenated().to_string())
                     .unwrap_or_default(),
-                hex::encode(protected_key(&op.node_key)?),
+                hex::encode(protected_key(&op.fresh_node_key)?),
+                match op.requested_id {
+                    Some(id) => hex::encode(protected_key(op.node_key_for(id)?)?),
+                    None => String::new(),
+                },
                 op.node_type.to_owned(),
                 op.arch.to_owned(),
                 owner.to_string(),

@@ -102,7 +102,6 @@ const PASSPHRASE_LOOKUP: &str =
 
 fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
     let passphrase = protected_passphrase(&op.passphrase)?.0;
-    let node_key = protected_key(&op.node_key)?;
     sweep_replay(conn, op.now_ms)?;
     let replayed: Option<String> = conn
         .row(
@@ -145,7 +144,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                         name = ?5, network = ?6, registered_ms = ?7 WHERE id = ?1",
                 params![
                     id.to_string(),
-                    node_key,
+                    protected_key(op.node_key_for(id)?)?,
                     op.node_type,
                     op.arch,
                     name,
@@ -173,7 +172,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                         name,
                         op.node_type,
                         op.arch,
-                        node_key,
+                        protected_key(op.node_key_for(id)?)?,
                         op.now_ms
                     ],
                 )
@@ -535,7 +534,8 @@ mod tests {
             replay_ttl_ms: 60_000,
             requested_id: None,
             fresh_id: Uuid::from_bytes([i; 16]),
-            node_key: StoredNodeKey::Sealed(SealedNodeKey(vec![i; 60])),
+            fresh_node_key: StoredNodeKey::Sealed(SealedNodeKey(vec![i; 61])),
+            requested_node_key: None,
             node_type: "device",
             arch: "x86_ubuntu",
             now_ms,

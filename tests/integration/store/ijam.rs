@@ -28,6 +28,7 @@ crate::store::battery!(crate::store::ijam;
         register_reregisters_same_owner,
         register_other_owner_gets_fresh_id,
         register_revoked_id_gets_fresh_id,
+        register_keeps_the_key_sealed_for_the_id_it_picks,
         register_replay,
         replay_expires,
         transition_table,
@@ -71,6 +72,11 @@ fn sealed(label: &str) -> StoredNodeKey {
     StoredNodeKey::Sealed(SealedNodeKey(value))
 }
 
+/// The sealed key of registration `label` as the flow seals it for node `node`.
+fn sealed_for(label: &str, node: Uuid) -> StoredNodeKey {
+    sealed(&format!("{label} for {node}"))
+}
+
 /// A sealed key in the first format, not bound to its node (60 bytes), as stores
 /// made before the binding hold them.
 fn legacy_sealed(label: &str) -> SealedNodeKey {
@@ -104,10 +110,20 @@ fn op(network: &str, label: &str, fresh: Uuid) -> RegisterOp {
         replay_ttl_ms: TTL,
         requested_id: None,
         fresh_id: fresh,
-        node_key: sealed(label),
+        fresh_node_key: sealed_for(label, fresh),
+        requested_node_key: None,
         node_type: "device",
         arch: "esp32",
         now_ms: NOW,
+    }
+}
+
+/// [`op`] naming node `requested`, its key sealed for that id as well.
+fn op_requesting(network: &str, label: &str, fresh: Uuid, requested: Uuid) -> RegisterOp {
+    RegisterOp {
+        requested_id: Some(requested),
+        requested_node_key: Some(sealed_for(label, requested)),
+        ..op(network, label, fresh)
     }
 }
 
@@ -427,7 +443,7 @@ pub async fn register_creates_node<S: IjamStore>(s: &S) {
         node_type: "device".into(),
         arch: "esp32".into(),
         status: NodeStatus::Offline,
-        key: sealed("a"),
+        key: sealed_for("a", id(1)),
         ip: String::new(),
         created_ms: NOW,
         registered_ms: NOW,
@@ -516,8 +532,7 @@ pub async fn register_expired_passphrase<S: IjamStore>(s: &S) {
 
 pub async fn register_requested_unknown_id<S: IjamStore>(s: &S) {
     network_with(s, "net", "alice", &[("a", "node-a")]).await;
-    let mut request = op("net", "a", id(1));
-    request.requested_id = Some(id(50));
+    let request = op_requesting("net", "a", id(1), id(50));
     assert_eq!(
         s.register(request).await.unwrap(),
         RegisterOutcome::Created { node_id: id(50) }
@@ -550,8 +565,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
     let original = s.node(node_id).await.unwrap().unwrap();
 
     // Same network.
-    let mut request = op("one", "a", id(2));
-    request.requested_id = Some(node_id);
+    let mut request = op_requesting("one", "a", id(2), node_id);
     request.now_ms = NOW + 100;
     request.node_type = "fog";
     request.arch = "rpi_linux";
@@ -564,7 +578,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
         node_type: "fog".into(),
         arch: "rpi_linux".into(),
         status: NodeStatus::Offline,
-        key: sealed("a"),
+        key: sealed_for("a", node_id),
         registered_ms: NOW + 100,
         ..original.clone()
     };
@@ -576,8 +590,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
     assert_eq!(s.network("one").await.unwrap().unwrap().nodes, 1);
 
     // Another network of the same owner: the node moves.
-    let mut request = op("two", "c", id(3));
-    request.requested_id = Some(node_id);
+    let mut request = op_requesting("two", "c", id(3), node_id);
     request.now_ms = NOW + 200;
     assert_eq!(
         s.register(request).await.unwrap(),
@@ -590,7 +603,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
             network: "two".into(),
             name: "third".into(),
             status: NodeStatus::Offline,
-            key: sealed("c"),
+            key: sealed_for("c", node_id),
             registered_ms: NOW + 200,
             ..original
         }
@@ -610,8 +623,7 @@ pub async fn register_other_owner_gets_fresh_id<S: IjamStore>(s: &S) {
     let alices_node = new_node(s, "alices", "n", id(1)).await;
     let before = s.node(alices_node).await.unwrap().unwrap();
 
-    let mut request = op("bobs", "b", id(2));
-    request.requested_id = Some(alices_node);
+    let mut request = op_requesting("bobs", "b", id(2), alices_node);
     request.now_ms = NOW + 100;
     assert_eq!(
         s.register(request).await.unwrap(),
@@ -633,8 +645,7 @@ pub async fn register_revoked_id_gets_fresh_id<S: IjamStore>(s: &S) {
     s.revoke_node(old).await.unwrap();
     let revoked = s.node(old).await.unwrap().unwrap();
 
-    let mut request = op("net", "a", id(2));
-    request.requested_id = Some(old);
+    let mut request = op_requesting("net", "a", id(2), old);
     request.now_ms = NOW + 100;
     assert_eq!(
         s.register(request).await.unwrap(),
@@ -646,6 +657,65 @@ pub async fn register_revoked_id_gets_fresh_id<S: IjamStore>(s: &S) {
         NodeStatus::Offline
     );
     assert_eq!(s.network("net").await.unwrap().unwrap().nodes, 2);
+}
+
+async fn key_of<S: IjamStore>(s: &S, node: Uuid) -> StoredNodeKey {
+    s.node(node).await.unwrap().expect("the node exists").key
+}
+
+/// A sealed key is bound to its node's id, and the store picks the id inside its atomic
+/// call: the flow seals the key for each id the registration may get, and the store
+/// keeps the one sealed for the id it picked, whichever outcome that is.
+pub async fn register_keeps_the_key_sealed_for_the_id_it_picks<S: IjamStore>(s: &S) {
+    let pps = [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d"), ("e", "e")];
+    network_with(s, "net", "alice", &pps).await;
+    network_with(s, "bobs", "bob", &[]).await;
+    let bobs_node = new_node(s, "bobs", "bob-node", id(90)).await;
+
+    // No id requested: the fresh one.
+    assert_eq!(
+        s.register(op("net", "a", id(1))).await.unwrap(),
+        RegisterOutcome::Created { node_id: id(1) }
+    );
+    assert_eq!(key_of(s, id(1)).await, sealed_for("a", id(1)));
+    // An id no node has: that id.
+    assert_eq!(
+        s.register(op_requesting("net", "b", id(2), id(20)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(20) }
+    );
+    assert_eq!(key_of(s, id(20)).await, sealed_for("b", id(20)));
+    // The owner's own node again: its id.
+    assert_eq!(
+        s.register(op_requesting("net", "c", id(3), id(1)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Reregistered { node_id: id(1) }
+    );
+    assert_eq!(key_of(s, id(1)).await, sealed_for("c", id(1)));
+    // Another owner's node: the fresh id, and that node keeps its key.
+    assert_eq!(
+        s.register(op_requesting("net", "d", id(4), bobs_node))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(4) }
+    );
+    assert_eq!(key_of(s, id(4)).await, sealed_for("d", id(4)));
+    assert_eq!(
+        key_of(s, bobs_node).await,
+        sealed_for("bob-node", bobs_node)
+    );
+    // A revoked node: the fresh id, and the revoked key stays erased.
+    s.revoke_node(id(20)).await.unwrap();
+    assert_eq!(
+        s.register(op_requesting("net", "e", id(5), id(20)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(5) }
+    );
+    assert_eq!(key_of(s, id(5)).await, sealed_for("e", id(5)));
+    assert_eq!(key_of(s, id(20)).await, StoredNodeKey::None);
 }
 
 pub async fn register_replay<S: IjamStore>(s: &S) {
@@ -666,7 +736,7 @@ pub async fn register_replay<S: IjamStore>(s: &S) {
     );
     // Whatever else the op says, the replay key decides, and nothing changes.
     retry.fresh_id = id(2);
-    retry.node_key = sealed("other");
+    retry.fresh_node_key = sealed("other");
     retry.passphrase = stored("b");
     assert_eq!(
         s.register(retry).await.unwrap(),
