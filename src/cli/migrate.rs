@@ -159,7 +159,9 @@ fn protect(
         node.key = StoredNodeKey::None;
     }
     node.key = match &node.key {
-        StoredNodeKey::Clear(key) => storage.store_node_key(at_rest, key, random::bytes()?)?,
+        StoredNodeKey::Clear(key) => {
+            storage.store_node_key(at_rest, key, random::bytes()?, node.id)?
+        }
         other => other.clone(),
     };
     Ok((node, expired))

@@ -12,6 +12,7 @@ use registrar::core::clock::now_ms;
 use registrar::core::crypto::ecdsa::SigningKey;
 use registrar::core::crypto::{KeyRing, StorageKey};
 use registrar::core::datadir::{DataDir, KeyOrigin};
+use registrar::core::random;
 use registrar::flow::ijam::IjamFlow;
 use registrar::server::envelope::{EnvelopeFlows, EnvelopeServer, EnvelopeSockets};
 use registrar::server::pool::CryptoPool;
@@ -308,6 +309,24 @@ async fn listen<S: Stores>(
         Arc::clone(&store),
         args.replay_ttl.as_millis() as i64,
     ));
+    // Before anything is served: from here on a key of the first format is never opened.
+    let resealed = flow
+        .reseal_legacy_node_keys(random::bytes)
+        .await
+        .context("cannot re-seal the node keys of the first format")?;
+    info!(
+        resealed = resealed.resealed,
+        changed_meanwhile = resealed.changed,
+        unopenable = resealed.unopenable,
+        "node keys of the first format sealed again, bound to their node id"
+    );
+    if resealed.unopenable > 0 {
+        warn!(
+            unopenable = resealed.unopenable,
+            "node keys of the first format that do not open under this data dir's storage key \
+             were left as they are: those nodes' state requests are refused until they register again"
+        );
+    }
     let threads = args.crypto_threads.unwrap_or_else(cores);
     let pool = CryptoPool::new(
         threads,

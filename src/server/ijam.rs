@@ -543,7 +543,9 @@ fn failed(e: &IjamError) -> Ending<'_> {
         error: e,
         fault: match e {
             IjamError::Store(_) => Fault::Store,
-            IjamError::Crypto(_) => Fault::Server,
+            // Tampering with the store, or a listener with another storage key: the
+            // operator must see it.
+            IjamError::Crypto(_) | IjamError::StoredKeyRefused => Fault::Server,
             _ => Fault::Peer,
         },
     }

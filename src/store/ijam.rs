@@ -120,10 +120,33 @@ pub struct RegisterOp {
     /// Used when `requested_id` is `None` or belongs to another owner (or is revoked).
     /// Made by the caller from a CSPRNG, so stores stay deterministic under test.
     pub fresh_id: Uuid,
-    pub node_key: StoredNodeKey,
+    /// The node key as kept for `fresh_id`. A sealed key is bound to its node's id, and
+    /// which id this registration gets is decided inside the store's atomic call, so
+    /// the flow seals it for each id it may get and the store keeps the one that fits.
+    pub fresh_node_key: StoredNodeKey,
+    /// The node key as kept for `requested_id`: present exactly when that is.
+    pub requested_node_key: Option<StoredNodeKey>,
     pub node_type: &'static str,
     pub arch: &'static str,
     pub now_ms: i64,
+}
+
+impl RegisterOp {
+    /// The node key as kept for `id`, the id the store picked (`requested_id` or
+    /// `fresh_id`); anything else is a programming error.
+    pub fn node_key_for(&self, id: Uuid) -> Result<&StoredNodeKey, StoreError> {
+        if self.requested_id == Some(id) {
+            self.requested_node_key.as_ref().ok_or_else(|| {
+                StoreError::Corrupt(format!("no node key kept for the requested id {id}"))
+            })
+        } else if self.fresh_id == id {
+            Ok(&self.fresh_node_key)
+        } else {
+            Err(StoreError::Corrupt(format!(
+                "no node key kept for node {id}, neither requested nor fresh"
+            )))
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,6 +236,22 @@ pub trait IjamStore: Send + Sync + 'static {
     /// Status `revoked`, key erased; later state requests get 403 and a registration
     /// naming this id gets a fresh one.
     fn revoke_node(&self, id: Uuid) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Every node key still sealed in the first format ([`SealedNodeKey::is_legacy`]),
+    /// with its node's id: what `registrar serve` re-seals, bound to that id, before it
+    /// serves. Reads every node (SCAN on Redis): a start-up path, never a request's.
+    fn legacy_sealed_keys(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(Uuid, SealedNodeKey)>, StoreError>> + Send;
+    /// Replaces node `id`'s sealed key by `new` only while it is still `current`, so a
+    /// registration that re-keyed the node meanwhile keeps its key, and an erased key
+    /// stays erased; true when replaced (false: changed meanwhile, erased, no such node).
+    fn replace_sealed_key(
+        &self,
+        id: Uuid,
+        current: &SealedNodeKey,
+        new: &SealedNodeKey,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
 /// The keyed hash of a passphrase a protected store takes; any other form is a

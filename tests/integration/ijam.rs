@@ -761,3 +761,123 @@ fn a_redis_outage_gets_503_changes_nothing_and_the_listener_recovers() {
     decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key);
     assert!(l.log().contains("store_unavailable"));
 }
+
+// ---- sealed node keys are bound to their node, on the native stores ---------------
+
+/// The raw sealed key in node `id`'s record, as the store holds it.
+fn raw_sealed_key(l: &Listener, backend: &str, owner: &str, id: Uuid) -> Vec<u8> {
+    match backend {
+        "sqlite" => {
+            let conn = sqlite_beside(l);
+            conn.query_row(
+                "SELECT sealed_key FROM ijam_nodes WHERE id = ?1",
+                [id.to_string()],
+                |row| row.get(0),
+            )
+            .unwrap()
+        }
+        "redis" => {
+            use ::redis::Commands;
+            let mut conn = redis_beside(l);
+            let value: String = conn
+                .hget(format!("rg:{{own:{owner}}}:node:{id}"), "key")
+                .unwrap();
+            hex::decode(value).unwrap()
+        }
+        other => panic!("no raw access to {other}"),
+    }
+}
+
+/// Writes `value` as node `id`'s sealed key, straight into the store.
+fn write_raw_sealed_key(l: &Listener, backend: &str, owner: &str, id: Uuid, value: &[u8]) {
+    match backend {
+        "sqlite" => {
+            let conn = sqlite_beside(l);
+            let changed = conn
+                .execute(
+                    "UPDATE ijam_nodes SET sealed_key = ?2 WHERE id = ?1",
+                    rusqlite::params![id.to_string(), value],
+                )
+                .unwrap();
+            assert_eq!(changed, 1);
+        }
+        "redis" => {
+            use ::redis::Commands;
+            let mut conn = redis_beside(l);
+            let _: () = conn
+                .hset(
+                    format!("rg:{{own:{owner}}}:node:{id}"),
+                    "key",
+                    hex::encode(value),
+                )
+                .unwrap();
+        }
+        other => panic!("no raw access to {other}"),
+    }
+}
+
+/// The listener's SQLite file, opened beside it (as anyone who can write the file can).
+fn sqlite_beside(l: &Listener) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(l.data_dir.path().join("registrar.sqlite")).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    conn
+}
+
+/// A connection of our own to the listener's Redis (`::redis`: this file has a
+/// `redis` module of its own).
+fn redis_beside(l: &Listener) -> ::redis::Connection {
+    ::redis::Client::open(l.store_url())
+        .and_then(|c| c.get_connection())
+        .unwrap()
+}
+
+/// Whoever can write the store copies node A's sealed key into node B's record, then
+/// sends B state frames under A's key (which A's owner knows): B's record now holds a
+/// value sealed for A, which does not open for B, so B refuses them as it would a
+/// wrong key (400) and nothing changes.
+fn a_sealed_key_copied_into_another_nodes_record_is_refused_there(backend: &str) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    l.create_network("net", "alice");
+    let (a, key_a) = register_one(&l, "net", "a");
+    let (b, key_b) = register_one(&l, "net", "b");
+    let state =
+        |id, key: &[u8; 32], code| tcp_exchange(l.ports.state_tcp, &state_frame(id, key, code));
+    assert_eq!(state(b, &key_b, StateCode::Online), [0xc8, 0x00]);
+
+    let sealed_for_a = raw_sealed_key(&l, backend, "alice", a);
+    assert_eq!(
+        sealed_for_a.len(),
+        61,
+        "a version byte and nonce ‖ ct ‖ tag"
+    );
+    assert_eq!(sealed_for_a[0], 0x02);
+    write_raw_sealed_key(&l, backend, "alice", b, &sealed_for_a);
+    assert_eq!(raw_sealed_key(&l, backend, "alice", b), sealed_for_a);
+
+    for code in [StateCode::Offline, StateCode::Loading, StateCode::Online] {
+        assert_eq!(
+            state(b, &key_a, code),
+            400u16.to_le_bytes(),
+            "A's frame to B, {code:?}"
+        );
+    }
+    l.wait_for_log_count("stored_key_refused", 3);
+    let node_b = l.node_json(b);
+    assert_eq!(node_b["status"], "online", "B did not change");
+    // A's own record still opens for A.
+    assert_eq!(state(a, &key_a, StateCode::Online), [0xc8, 0x00]);
+    assert_eq!(l.node_json(a)["status"], "online");
+}
+
+#[test]
+fn a_sealed_key_copied_into_another_nodes_record_is_refused_there_sqlite() {
+    a_sealed_key_copied_into_another_nodes_record_is_refused_there("sqlite")
+}
+
+#[test]
+fn a_sealed_key_copied_into_another_nodes_record_is_refused_there_redis() {
+    a_sealed_key_copied_into_another_nodes_record_is_refused_there("redis")
+}

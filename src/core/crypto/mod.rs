@@ -30,7 +30,7 @@ pub enum CryptoError {
     KeyRejected(String),
     #[error("PEM: {0}")]
     Pem(String),
-    #[error("sealed node key does not open under this storage key")]
+    #[error("sealed node key does not open for this node under this storage key")]
     Unseal,
     #[error(transparent)]
     Random(#[from] RandomError),

@@ -14,8 +14,12 @@ use super::{RedisStore, field, int_field, tag, unexpected};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, TransitionOutcome, protected_key, protected_passphrase, sealed_key,
+    RegisterOutcome, SealedNodeKey, TransitionOutcome, protected_key, protected_passphrase,
+    sealed_key,
 };
+
+/// Records read per round trip by a listing that reads every node.
+const LISTING_CHUNK: usize = 1000;
 
 /// Index entries remembered per listener, at most this many of each (a forgotten one
 /// costs one read).
@@ -444,7 +448,11 @@ impl IjamStore for RedisStore {
                 op.requested_id
                     .map(|id| id.hyphenated().to_string())
                     .unwrap_or_default(),
-                hex::encode(protected_key(&op.node_key)?),
+                hex::encode(protected_key(&op.fresh_node_key)?),
+                match op.requested_id {
+                    Some(id) => hex::encode(protected_key(op.node_key_for(id)?)?),
+                    None => String::new(),
+                },
                 op.node_type.to_owned(),
                 op.arch.to_owned(),
                 owner.to_string(),
@@ -606,6 +614,61 @@ impl IjamStore for RedisStore {
             "ok" => Ok(()),
             "unknown" => Err(StoreError::UnknownNode(id)),
             _ => Err(unexpected("revoke_node", &reply)),
+        }
+    }
+
+    async fn legacy_sealed_keys(&self) -> Result<Vec<(Uuid, SealedNodeKey)>, StoreError> {
+        let records: Vec<(String, Uuid)> = self
+            .inner
+            .scan(keys::NODE_RECORDS)
+            .await?
+            .into_iter()
+            .filter_map(|key| keys::node_record_id(&key).map(|id| (key, id)))
+            .collect();
+        let mut legacy = Vec::new();
+        for chunk in records.chunks(LISTING_CHUNK) {
+            let mut pipe = redis::pipe();
+            for (key, _) in chunk {
+                pipe.hget(key, "key");
+            }
+            let values: Vec<Option<String>> = self.inner.query(&pipe).await?;
+            for ((key, id), value) in chunk.iter().zip(values) {
+                // None: deleted since the SCAN.
+                let Some(value) = value else { continue };
+                let sealed = SealedNodeKey(
+                    hex::decode(&value)
+                        .map_err(|_| StoreError::Corrupt(format!("{key}: key is not hex")))?,
+                );
+                if sealed.is_legacy() {
+                    legacy.push((*id, sealed));
+                }
+            }
+        }
+        legacy.sort_by_key(|(id, _)| *id);
+        Ok(legacy)
+    }
+
+    async fn replace_sealed_key(
+        &self,
+        id: Uuid,
+        current: &SealedNodeKey,
+        new: &SealedNodeKey,
+    ) -> Result<bool, StoreError> {
+        let Some(owner) = self.node_owner(id, true).await? else {
+            return Ok(false);
+        };
+        let reply = self
+            .inner
+            .run(
+                &self.scripts.replace_sealed_key,
+                &[Owner(&owner).node(id)],
+                &[hex::encode(&current.0), hex::encode(&new.0)],
+            )
+            .await?;
+        match tag(&reply) {
+            "replaced" => Ok(true),
+            "changed" => Ok(false),
+            _ => Err(unexpected("replace_sealed_key", &reply)),
         }
     }
 }

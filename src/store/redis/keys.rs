@@ -77,6 +77,23 @@ impl Owner<'_> {
     }
 }
 
+/// SCAN pattern of every owner's node records; other keys of an owner's slot may match
+/// it too, and [`node_record_id`] tells the records apart.
+pub const NODE_RECORDS: &str = "rg:{own:*}:node:*";
+
+/// The node id of an [`Owner::node`] key; `None` for any other key. No other key of an
+/// owner's slot ends in `:node:<uuid>`: a network id (16 characters at most) is too
+/// short to, and the rest end in a fixed word or in hex.
+pub fn node_record_id(key: &str) -> Option<Uuid> {
+    let (prefix, id) = key.rsplit_once(":node:")?;
+    if !prefix.starts_with("rg:{own:") {
+        return None;
+    }
+    Uuid::try_parse(id)
+        .ok()
+        .filter(|node| node.hyphenated().to_string() == id)
+}
+
 /// The member of [`Owner::nodes`] for `node` in `network`.
 pub fn node_member(network: &str, node: Uuid) -> String {
     format!("{network}\0{}", node.hyphenated())
@@ -192,6 +209,18 @@ mod tests {
         }
         let dev = DeviceId([9; 16]);
         assert_eq!(slot(&used_nonce(dev, &[3; 32])), slot(&device(dev)));
+        assert_eq!(node_record_id(&owner.node(node)), Some(node));
+        assert_eq!(node_record_id(&Owner("o:node:x").node(node)), Some(node));
+        for other in [
+            owner.nodes(),
+            owner.network("lab"),
+            owner.replay("lab", &[1; 32]),
+            Owner(&format!("x:node:{node}")).nodes(),
+            node_owner(node),
+            device(dev),
+        ] {
+            assert_eq!(node_record_id(&other), None, "{other}");
+        }
         // Known slots of the CRC16 reference (Redis' cluster spec): "123456789" → 0x31C3.
         assert_eq!(slot("{123456789}x"), 0x31c3);
     }

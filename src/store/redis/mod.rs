@@ -43,6 +43,7 @@ struct Scripts {
     register: Script,
     transition: Script,
     revoke_node: Script,
+    replace_sealed_key: Script,
     register_device: Script,
     attest_device: Script,
     revoke_device: Script,
@@ -82,6 +83,10 @@ pub const SCRIPTS: &[(&str, &str)] = &[
     (
         "ijam/revoke_node.lua",
         include_str!("scripts/ijam/revoke_node.lua"),
+    ),
+    (
+        "ijam/replace_sealed_key.lua",
+        include_str!("scripts/ijam/replace_sealed_key.lua"),
     ),
     (
         "portal/create_network.lua",
@@ -144,6 +149,7 @@ impl Scripts {
             register: script("ijam/register.lua"),
             transition: script("ijam/transition.lua"),
             revoke_node: script("ijam/revoke_node.lua"),
+            replace_sealed_key: script("ijam/replace_sealed_key.lua"),
             register_device: script("pubkey/register_device.lua"),
             attest_device: script("pubkey/attest_device.lua"),
             revoke_device: script("pubkey/revoke_device.lua"),

@@ -24,7 +24,7 @@ use super::{RedisStore, field, tag, unexpected};
 use crate::core::ids::{DeviceId, NodeKey};
 use crate::store::ijam::{
     AtRest, IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, StoredNodeKey, StoredPassphrase, TransitionOutcome,
+    RegisterOutcome, SealedNodeKey, StoredNodeKey, StoredPassphrase, TransitionOutcome,
 };
 use crate::store::pubkey::{AttestOp, AttestOutcome, Device, DeviceRegisterOutcome, PubkeyStore};
 use crate::store::{StoreError, Stores};
@@ -382,16 +382,15 @@ impl IjamStore for PortalStore {
     async fn register(&self, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
         let net = op.network.as_str();
         let passphrase = clear_passphrase(&op.passphrase)?;
-        let enc_key = match &op.node_key {
-            StoredNodeKey::Clear(key) => hex::encode(key.0),
-            _ => {
-                return Err(StoreError::Corrupt(
-                    "a protected node key offered to the portal's layout, which keeps keys \
-                     in clear"
-                        .into(),
-                ));
-            }
-        };
+        // A key in clear is bound to no id: whichever id the script picks, one value.
+        let enc_key = clear_key(&op.fresh_node_key)?;
+        if let Some(requested) = &op.requested_node_key
+            && clear_key(requested)? != enc_key
+        {
+            return Err(StoreError::Corrupt(
+                "two different node keys in clear offered for one registration".into(),
+            ));
+        }
         for _ in 0..STALE_RETRIES {
             // The network the requested node is in now, for the set it leaves: a
             // script may only touch the keys it declares.
@@ -533,6 +532,20 @@ impl IjamStore for PortalStore {
             _ => Err(unexpected("portal/revoke_node", &reply)),
         }
     }
+
+    /// Nothing is sealed here: the portal keeps node keys in clear.
+    async fn legacy_sealed_keys(&self) -> Result<Vec<(Uuid, SealedNodeKey)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn replace_sealed_key(
+        &self,
+        _id: Uuid,
+        _current: &SealedNodeKey,
+        _new: &SealedNodeKey,
+    ) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
 
 /// The pubkey flow has no place in the portal's layout: its native keys, same Redis.
@@ -569,6 +582,16 @@ fn clear_passphrase(p: &StoredPassphrase) -> Result<&str, StoreError> {
         StoredPassphrase::Clear(text) => Ok(text),
         StoredPassphrase::Hash(_) => Err(StoreError::Corrupt(
             "a hashed passphrase offered to the portal's layout, which keeps them as typed".into(),
+        )),
+    }
+}
+
+/// The node key in hex, as `encKey` holds it: what this layout keeps.
+fn clear_key(key: &StoredNodeKey) -> Result<String, StoreError> {
+    match key {
+        StoredNodeKey::Clear(key) => Ok(hex::encode(key.0)),
+        _ => Err(StoreError::Corrupt(
+            "a protected node key offered to the portal's layout, which keeps keys in clear".into(),
         )),
     }
 }

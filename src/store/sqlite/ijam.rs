@@ -10,7 +10,8 @@ use super::{Cached, OrUnavailable, SqliteStore};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, TransitionOutcome, protected_key, protected_passphrase, sealed_key,
+    RegisterOutcome, SealedNodeKey, TransitionOutcome, protected_key, protected_passphrase,
+    sealed_key,
 };
 
 fn read_network(conn: &Connection, id: &str) -> Result<Option<Network>, StoreError> {
@@ -101,7 +102,6 @@ const PASSPHRASE_LOOKUP: &str =
 
 fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
     let passphrase = protected_passphrase(&op.passphrase)?.0;
-    let node_key = protected_key(&op.node_key)?;
     sweep_replay(conn, op.now_ms)?;
     let replayed: Option<String> = conn
         .row(
@@ -144,7 +144,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                         name = ?5, network = ?6, registered_ms = ?7 WHERE id = ?1",
                 params![
                     id.to_string(),
-                    node_key,
+                    protected_key(op.node_key_for(id)?)?,
                     op.node_type,
                     op.arch,
                     name,
@@ -172,7 +172,7 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                         name,
                         op.node_type,
                         op.arch,
-                        node_key,
+                        protected_key(op.node_key_for(id)?)?,
                         op.now_ms
                     ],
                 )
@@ -473,6 +473,48 @@ impl IjamStore for SqliteStore {
         })
         .await
     }
+
+    async fn legacy_sealed_keys(&self) -> Result<Vec<(Uuid, SealedNodeKey)>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn
+                .prepare(
+                    "SELECT id, sealed_key FROM ijam_nodes WHERE length(sealed_key) = ?1 ORDER BY id",
+                )
+                .db()?;
+            let rows = stmt
+                .query_map([SealedNodeKey::LEGACY_LEN as i64], |row| {
+                    Ok((row.get::<_, String>(0)?, row.get::<_, Vec<u8>>(1)?))
+                })
+                .db()?;
+            rows.map(|row| {
+                let (id, sealed) = row.db()?;
+                let id = Uuid::parse_str(&id).map_err(|_| StoreError::Corrupt(format!("node {id:?}")))?;
+                Ok((id, SealedNodeKey(sealed)))
+            })
+            .collect()
+        })
+        .await
+    }
+
+    async fn replace_sealed_key(
+        &self,
+        id: Uuid,
+        current: &SealedNodeKey,
+        new: &SealedNodeKey,
+    ) -> Result<bool, StoreError> {
+        let (current, new) = (current.0.clone(), new.0.clone());
+        self.call(move |conn| {
+            let replaced = conn
+                .exec(
+                    "UPDATE ijam_nodes SET sealed_key = ?3
+                     WHERE id = ?1 AND sealed_key = ?2 AND length(sealed_key) > 0",
+                    params![id.to_string(), current, new],
+                )
+                .db()?;
+            Ok(replaced == 1)
+        })
+        .await
+    }
 }
 
 #[cfg(test)]
@@ -492,7 +534,8 @@ mod tests {
             replay_ttl_ms: 60_000,
             requested_id: None,
             fresh_id: Uuid::from_bytes([i; 16]),
-            node_key: StoredNodeKey::Sealed(SealedNodeKey(vec![i; 60])),
+            fresh_node_key: StoredNodeKey::Sealed(SealedNodeKey(vec![i; 61])),
+            requested_node_key: None,
             node_type: "device",
             arch: "x86_ubuntu",
             now_ms,

@@ -28,13 +28,15 @@ crate::store::battery!(crate::store::ijam;
         register_reregisters_same_owner,
         register_other_owner_gets_fresh_id,
         register_revoked_id_gets_fresh_id,
+        register_keeps_the_key_sealed_for_the_id_it_picks,
         register_replay,
         replay_expires,
         transition_table,
         transition_unknown_node,
         revoke_node,
         nodes_sorted,
-        import_node_writes_a_node_as_it_stands;
+        import_node_writes_a_node_as_it_stands,
+        legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged;
     shared: concurrent_registrations,
 );
 
@@ -62,10 +64,25 @@ fn replay(label: &str) -> ReplayKey {
     ReplayKey(bytes(&format!("replay:{label}")))
 }
 
+/// A sealed key as the flow makes them (a version byte and 60 bytes): the stores keep
+/// it as it comes.
 fn sealed(label: &str) -> StoredNodeKey {
-    StoredNodeKey::Sealed(SealedNodeKey(
-        bytes(&format!("key:{label}")).repeat(2)[..60].to_vec(),
-    ))
+    let mut value = vec![0x02];
+    value.extend_from_slice(&bytes(&format!("key:{label}")).repeat(2)[..60]);
+    StoredNodeKey::Sealed(SealedNodeKey(value))
+}
+
+/// The sealed key of registration `label` as the flow seals it for node `node`.
+fn sealed_for(label: &str, node: Uuid) -> StoredNodeKey {
+    sealed(&format!("{label} for {node}"))
+}
+
+/// A sealed key in the first format, not bound to its node (60 bytes), as stores
+/// made before the binding hold them.
+fn legacy_sealed(label: &str) -> SealedNodeKey {
+    let value = bytes(&format!("legacy:{label}")).repeat(2)[..60].to_vec();
+    assert!(SealedNodeKey(value.clone()).is_legacy());
+    SealedNodeKey(value)
 }
 
 fn stored(label: &str) -> StoredPassphrase {
@@ -93,10 +110,20 @@ fn op(network: &str, label: &str, fresh: Uuid) -> RegisterOp {
         replay_ttl_ms: TTL,
         requested_id: None,
         fresh_id: fresh,
-        node_key: sealed(label),
+        fresh_node_key: sealed_for(label, fresh),
+        requested_node_key: None,
         node_type: "device",
         arch: "esp32",
         now_ms: NOW,
+    }
+}
+
+/// [`op`] naming node `requested`, its key sealed for that id as well.
+fn op_requesting(network: &str, label: &str, fresh: Uuid, requested: Uuid) -> RegisterOp {
+    RegisterOp {
+        requested_id: Some(requested),
+        requested_node_key: Some(sealed_for(label, requested)),
+        ..op(network, label, fresh)
     }
 }
 
@@ -416,7 +443,7 @@ pub async fn register_creates_node<S: IjamStore>(s: &S) {
         node_type: "device".into(),
         arch: "esp32".into(),
         status: NodeStatus::Offline,
-        key: sealed("a"),
+        key: sealed_for("a", id(1)),
         ip: String::new(),
         created_ms: NOW,
         registered_ms: NOW,
@@ -505,8 +532,7 @@ pub async fn register_expired_passphrase<S: IjamStore>(s: &S) {
 
 pub async fn register_requested_unknown_id<S: IjamStore>(s: &S) {
     network_with(s, "net", "alice", &[("a", "node-a")]).await;
-    let mut request = op("net", "a", id(1));
-    request.requested_id = Some(id(50));
+    let request = op_requesting("net", "a", id(1), id(50));
     assert_eq!(
         s.register(request).await.unwrap(),
         RegisterOutcome::Created { node_id: id(50) }
@@ -539,8 +565,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
     let original = s.node(node_id).await.unwrap().unwrap();
 
     // Same network.
-    let mut request = op("one", "a", id(2));
-    request.requested_id = Some(node_id);
+    let mut request = op_requesting("one", "a", id(2), node_id);
     request.now_ms = NOW + 100;
     request.node_type = "fog";
     request.arch = "rpi_linux";
@@ -553,7 +578,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
         node_type: "fog".into(),
         arch: "rpi_linux".into(),
         status: NodeStatus::Offline,
-        key: sealed("a"),
+        key: sealed_for("a", node_id),
         registered_ms: NOW + 100,
         ..original.clone()
     };
@@ -565,8 +590,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
     assert_eq!(s.network("one").await.unwrap().unwrap().nodes, 1);
 
     // Another network of the same owner: the node moves.
-    let mut request = op("two", "c", id(3));
-    request.requested_id = Some(node_id);
+    let mut request = op_requesting("two", "c", id(3), node_id);
     request.now_ms = NOW + 200;
     assert_eq!(
         s.register(request).await.unwrap(),
@@ -579,7 +603,7 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
             network: "two".into(),
             name: "third".into(),
             status: NodeStatus::Offline,
-            key: sealed("c"),
+            key: sealed_for("c", node_id),
             registered_ms: NOW + 200,
             ..original
         }
@@ -599,8 +623,7 @@ pub async fn register_other_owner_gets_fresh_id<S: IjamStore>(s: &S) {
     let alices_node = new_node(s, "alices", "n", id(1)).await;
     let before = s.node(alices_node).await.unwrap().unwrap();
 
-    let mut request = op("bobs", "b", id(2));
-    request.requested_id = Some(alices_node);
+    let mut request = op_requesting("bobs", "b", id(2), alices_node);
     request.now_ms = NOW + 100;
     assert_eq!(
         s.register(request).await.unwrap(),
@@ -622,8 +645,7 @@ pub async fn register_revoked_id_gets_fresh_id<S: IjamStore>(s: &S) {
     s.revoke_node(old).await.unwrap();
     let revoked = s.node(old).await.unwrap().unwrap();
 
-    let mut request = op("net", "a", id(2));
-    request.requested_id = Some(old);
+    let mut request = op_requesting("net", "a", id(2), old);
     request.now_ms = NOW + 100;
     assert_eq!(
         s.register(request).await.unwrap(),
@@ -635,6 +657,65 @@ pub async fn register_revoked_id_gets_fresh_id<S: IjamStore>(s: &S) {
         NodeStatus::Offline
     );
     assert_eq!(s.network("net").await.unwrap().unwrap().nodes, 2);
+}
+
+async fn key_of<S: IjamStore>(s: &S, node: Uuid) -> StoredNodeKey {
+    s.node(node).await.unwrap().expect("the node exists").key
+}
+
+/// A sealed key is bound to its node's id, and the store picks the id inside its atomic
+/// call: the flow seals the key for each id the registration may get, and the store
+/// keeps the one sealed for the id it picked, whichever outcome that is.
+pub async fn register_keeps_the_key_sealed_for_the_id_it_picks<S: IjamStore>(s: &S) {
+    let pps = [("a", "a"), ("b", "b"), ("c", "c"), ("d", "d"), ("e", "e")];
+    network_with(s, "net", "alice", &pps).await;
+    network_with(s, "bobs", "bob", &[]).await;
+    let bobs_node = new_node(s, "bobs", "bob-node", id(90)).await;
+
+    // No id requested: the fresh one.
+    assert_eq!(
+        s.register(op("net", "a", id(1))).await.unwrap(),
+        RegisterOutcome::Created { node_id: id(1) }
+    );
+    assert_eq!(key_of(s, id(1)).await, sealed_for("a", id(1)));
+    // An id no node has: that id.
+    assert_eq!(
+        s.register(op_requesting("net", "b", id(2), id(20)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(20) }
+    );
+    assert_eq!(key_of(s, id(20)).await, sealed_for("b", id(20)));
+    // The owner's own node again: its id.
+    assert_eq!(
+        s.register(op_requesting("net", "c", id(3), id(1)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Reregistered { node_id: id(1) }
+    );
+    assert_eq!(key_of(s, id(1)).await, sealed_for("c", id(1)));
+    // Another owner's node: the fresh id, and that node keeps its key.
+    assert_eq!(
+        s.register(op_requesting("net", "d", id(4), bobs_node))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(4) }
+    );
+    assert_eq!(key_of(s, id(4)).await, sealed_for("d", id(4)));
+    assert_eq!(
+        key_of(s, bobs_node).await,
+        sealed_for("bob-node", bobs_node)
+    );
+    // A revoked node: the fresh id, and the revoked key stays erased.
+    s.revoke_node(id(20)).await.unwrap();
+    assert_eq!(
+        s.register(op_requesting("net", "e", id(5), id(20)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(5) }
+    );
+    assert_eq!(key_of(s, id(5)).await, sealed_for("e", id(5)));
+    assert_eq!(key_of(s, id(20)).await, StoredNodeKey::None);
 }
 
 pub async fn register_replay<S: IjamStore>(s: &S) {
@@ -655,7 +736,7 @@ pub async fn register_replay<S: IjamStore>(s: &S) {
     );
     // Whatever else the op says, the replay key decides, and nothing changes.
     retry.fresh_id = id(2);
-    retry.node_key = sealed("other");
+    retry.fresh_node_key = sealed("other");
     retry.passphrase = stored("b");
     assert_eq!(
         s.register(retry).await.unwrap(),
@@ -967,4 +1048,98 @@ pub async fn import_node_writes_a_node_as_it_stands<S: IjamStore>(s: &S) {
             .unwrap(),
         TransitionOutcome::Changed { .. }
     ));
+}
+
+/// `registrar serve` re-seals keys of the first format at start: the store lists them
+/// with their node, and replaces one only while it still holds the value listed.
+pub async fn legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged<S: IjamStore>(s: &S) {
+    network_with(s, "net", "alice", &[]).await;
+    assert_eq!(s.legacy_sealed_keys().await.unwrap(), vec![]);
+    let bound = new_node(s, "net", "bound", id(1)).await;
+    let imported = |n: u128, status: NodeStatus, key: StoredNodeKey| Node {
+        id: id(n),
+        network: "net".into(),
+        owner: "alice".into(),
+        name: format!("old-{n}"),
+        node_type: "device".into(),
+        arch: "x86_ubuntu".into(),
+        status,
+        key,
+        ip: String::new(),
+        created_ms: NOW - 10,
+        registered_ms: NOW - 10,
+        online_ms: 0,
+    };
+    for n in [3, 2] {
+        let key = StoredNodeKey::Sealed(legacy_sealed(&n.to_string()));
+        assert!(
+            s.import_node(imported(n, NodeStatus::Online, key))
+                .await
+                .unwrap()
+        );
+    }
+    assert!(
+        s.import_node(imported(4, NodeStatus::Revoked, StoredNodeKey::None))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.legacy_sealed_keys().await.unwrap(),
+        vec![(id(2), legacy_sealed("2")), (id(3), legacy_sealed("3"))],
+        "the first format only, by node id; neither the bound key nor an erased one"
+    );
+
+    let StoredNodeKey::Sealed(resealed) = sealed("resealed") else {
+        unreachable!()
+    };
+    let before = s.node(id(2)).await.unwrap().unwrap();
+    assert!(
+        !s.replace_sealed_key(id(2), &legacy_sealed("3"), &resealed)
+            .await
+            .unwrap(),
+        "not the value the node holds"
+    );
+    assert_eq!(s.node(id(2)).await.unwrap(), Some(before.clone()));
+    assert!(
+        s.replace_sealed_key(id(2), &legacy_sealed("2"), &resealed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.node(id(2)).await.unwrap(),
+        Some(Node {
+            key: StoredNodeKey::Sealed(resealed.clone()),
+            ..before
+        }),
+        "the key and nothing else"
+    );
+    assert!(
+        !s.replace_sealed_key(id(2), &legacy_sealed("2"), &legacy_sealed("2"))
+            .await
+            .unwrap(),
+        "replaced already: a second listener starting at once leaves it"
+    );
+    assert_eq!(
+        s.legacy_sealed_keys().await.unwrap(),
+        vec![(id(3), legacy_sealed("3"))]
+    );
+
+    // Nothing is made or revived: an unknown node, an erased key, a bound key.
+    assert!(
+        !s.replace_sealed_key(id(404), &legacy_sealed("2"), &resealed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.node(id(404)).await.unwrap(), None);
+    let revoked = s.node(id(4)).await.unwrap();
+    assert!(
+        !s.replace_sealed_key(id(4), &SealedNodeKey(Vec::new()), &resealed)
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.node(id(4)).await.unwrap(), revoked);
+    let StoredNodeKey::Sealed(bound_key) = s.node(bound).await.unwrap().unwrap().key else {
+        panic!("registered with a sealed key")
+    };
+    assert!(!bound_key.is_legacy());
 }

@@ -6,23 +6,26 @@
 -- KEYS[4] rg:{own:<o>}:nodes      KEYS[5] …:net:<id>:replay:<replay key hex>
 -- KEYS[6] rg:{own:<o>}:node:<fresh id>   KEYS[7] rg:{own:<o>}:node:<requested id> (absent when none)
 -- ARGV[1] network id   ARGV[2] passphrase hash hex   ARGV[3] now_ms   ARGV[4] replay_ttl_ms
--- ARGV[5] fresh id     ARGV[6] requested id or ''    ARGV[7] sealed key hex
--- ARGV[8] node type    ARGV[9] arch   ARGV[10] owner
--- ARGV[11] where the node index puts the requested id: 'mine' (this owner), 'other'
+-- ARGV[5] fresh id     ARGV[6] requested id or ''
+-- ARGV[7] the node key sealed for the fresh id (hex)
+-- ARGV[8] the node key sealed for the requested id (hex), or '' without a requested id
+-- ARGV[9] node type    ARGV[10] arch   ARGV[11] owner
+-- ARGV[12] where the node index puts the requested id: 'mine' (this owner), 'other'
 --          (another owner), 'none' (nowhere), or '' without a requested id
 -- Reply: {'no_network'} | {'replayed', id} | {'invalid'} | {'claim'} |
 --        {'created', id} | {'reregistered', id}
 -- 'claim': the passphrase is good and the requested id is nowhere: the caller claims
 -- the id in the node index and runs the script again. Nothing was written.
--- Error: 'RGCORRUPT ...' when a stored record cannot be read or the fresh id is taken.
+-- Error: 'RGCORRUPT ...' when a stored record cannot be read, the fresh id is taken, or
+-- no key was sealed for the id picked.
 --
 -- Every check runs before the first write (a Lua error does not roll back earlier
 -- writes).
 local net_key, pp_key, ppnames_key, nodes_key, replay_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local fresh_key, requested_key = KEYS[6], KEYS[7]
 local network, pp_hash, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-local fresh_id, requested_id, sealed, node_type, arch = ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local owner, indexed = ARGV[10], ARGV[11]
+local fresh_id, requested_id, fresh_sealed, requested_sealed = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
+local node_type, arch, owner, indexed = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 
 -- 1. The network must be this owner's (the caller's network index may be stale), and
 -- a byte-identical retry within the TTL gets the same answer.
@@ -47,26 +50,31 @@ if expires ~= '' and tonumber(expires) <= tonumber(now) then
   return {'invalid'}
 end
 
--- 3. (decided before any write) Re-register, create under the requested id, or fresh.
-local outcome, id, node_key = 'created', fresh_id, fresh_key
+-- 3. (decided before any write) Re-register, create under the requested id, or fresh;
+-- the node key kept is the one sealed for that id (bound to it).
+local outcome, id, node_key, sealed = 'created', fresh_id, fresh_key, fresh_sealed
 local old_network
 if requested_key then
   local rec = redis.call('HMGET', requested_key, 'status', 'network')
   if rec[1] then
     if rec[1] ~= 'revoked' then
       outcome, id, node_key, old_network = 'reregistered', requested_id, requested_key, rec[2]
+      sealed = requested_sealed
       if not old_network then
         return redis.error_reply('RGCORRUPT node record ' .. requested_key)
       end
     end
   elseif indexed == 'mine' then
-    id, node_key = requested_id, requested_key
+    id, node_key, sealed = requested_id, requested_key, requested_sealed
   elseif indexed == 'none' then
     return {'claim'}
   end
 end
 if outcome == 'created' and redis.call('EXISTS', node_key) == 1 then
   return redis.error_reply('RGCORRUPT fresh node id already exists: ' .. node_key)
+end
+if sealed == '' then
+  return redis.error_reply('RGCORRUPT no node key sealed for ' .. id)
 end
 
 -- 4. Consume the passphrase.
