@@ -542,10 +542,10 @@ fn failed(e: &IjamError) -> Ending<'_> {
         outcome: e.outcome(),
         error: e,
         fault: match e {
-            IjamError::Store(_) => Fault::Store,
-            // Tampering with the store, or a listener with another storage key: the
-            // operator must see it.
-            IjamError::Crypto(_) | IjamError::StoredKeyRefused => Fault::Server,
+            // A stored key that does not open (tampering with the store, or a listener
+            // with another storage key) is the store's: summed at WARN.
+            IjamError::Store(_) | IjamError::StoredKeyRefused => Fault::Store,
+            IjamError::Crypto(_) => Fault::Server,
             _ => Fault::Peer,
         },
     }

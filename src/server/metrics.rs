@@ -70,18 +70,22 @@ const TALLIED_SOURCES: usize = 4096;
 #[derive(Default)]
 struct FailureTally {
     by_outcome: BTreeMap<(&'static str, &'static str), u64>,
+    /// Failures of the store's (unavailable, or holding what cannot be opened): the
+    /// summary is then a WARN.
+    store_failed: u64,
     by_source: HashMap<IpAddr, u64>,
     other_sources: u64,
 }
 
 static FAILED_SINCE_REPORT: LazyLock<Mutex<FailureTally>> = LazyLock::new(Mutex::default);
 
-/// Counts a failed request for the next [`report`].
-pub fn failed(flow: &'static str, outcome: &'static str, source: IpAddr) {
+/// Counts a failed request for the next [`report`]; `store` when the store failed it.
+pub fn failed(flow: &'static str, outcome: &'static str, source: IpAddr, store: bool) {
     let mut tally = FAILED_SINCE_REPORT
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     *tally.by_outcome.entry((flow, outcome)).or_default() += 1;
+    tally.store_failed += u64::from(store);
     let known = tally.by_source.len();
     match tally.by_source.get_mut(&source) {
         Some(count) => *count += 1,
@@ -97,7 +101,7 @@ pub const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Logs, once per [`REPORT_INTERVAL`] in which there were any, how many requests were
 /// shed (503, or dropped on UDP) and rate-limited (429), at WARN, and how many failed,
-/// at INFO; a last time at `cancel`.
+/// at INFO (WARN when the store failed some); a last time at `cancel`.
 pub async fn report(cancel: CancellationToken) {
     let mut tick = tokio::time::interval(REPORT_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,14 +138,27 @@ pub async fn report(cancel: CancellationToken) {
                 .max_by_key(|(_, n)| **n)
                 .map(|(ip, n)| (*ip, *n))
                 .expect("a failure has a source");
-            info!(
-                failed,
-                outcomes,
-                sources,
-                %top_source,
-                top_source_failed,
-                "requests failed since the last report (each at debug)"
-            );
+            let store_failed = tally.store_failed;
+            if store_failed > 0 {
+                warn!(
+                    failed,
+                    store_failed,
+                    outcomes,
+                    sources,
+                    %top_source,
+                    top_source_failed,
+                    "requests failed since the last report (each at debug)"
+                );
+            } else {
+                info!(
+                    failed,
+                    outcomes,
+                    sources,
+                    %top_source,
+                    top_source_failed,
+                    "requests failed since the last report (each at debug)"
+                );
+            }
         }
         if last {
             return;

@@ -107,7 +107,7 @@ pub enum Fault {
     /// The peer's: a bad request, a used credential.
     Peer,
     /// The store's: counted as a store error; the store itself logs once when it goes
-    /// and once when it is back, so each request's line stays at INFO.
+    /// and once when it is back, and the requests it failed are summed at WARN.
     Store,
     /// This listener's own (its keys, its randomness): the operator must see it.
     Server,
@@ -172,7 +172,7 @@ pub(crate) fn finish(at: Arrival, subject: Option<&str>, latency: Duration, endi
         }
         Ending::Failed { error, fault, .. } => {
             debug!(flow, port, %transport, %peer, outcome, subject, error = %error, latency_us);
-            metrics::failed(flow, outcome, peer.ip());
+            metrics::failed(flow, outcome, peer.ip(), *fault == Fault::Store);
             if *fault == Fault::Store {
                 metrics::store_error(flow);
             }
@@ -200,6 +200,6 @@ pub(crate) fn rejected(
     error: &dyn fmt::Display,
 ) {
     debug!(flow, port, %transport, %peer, outcome, error = %error);
-    metrics::failed(flow, outcome, peer.ip());
+    metrics::failed(flow, outcome, peer.ip(), false);
     metrics::request(flow, transport, outcome, Duration::ZERO);
 }
