@@ -107,13 +107,25 @@ pub struct ServeArgs {
     /// the listener's group.
     #[arg(long, env = "REGISTRAR_CRYPTO_NICE", default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
     crypto_nice: i32,
-    /// Registrations per second allowed per source IP address, sustained (0: no limit).
-    /// Over it a request gets 429 before any RSA work.
+    /// Requests per second allowed per source IP address, sustained (0: no limit), for
+    /// each kind of work apart (registrations, state changes, signed envelope
+    /// requests) and for TCP and UDP apart. Over it a request gets 429 before any
+    /// crypto; only a request past the cheap checks (length, framing) spends a token.
     #[arg(long, env = "REGISTRAR_RATE_PER_SOURCE", default_value_t = 100.0)]
     rate_per_source: f64,
-    /// Registrations a source may send at once before --rate-per-source applies.
+    /// Requests a source may send at once before --rate-per-source applies.
     #[arg(long, env = "REGISTRAR_BURST", default_value_t = 1000)]
     burst: u32,
+    /// State changes per second one node may make (0: no limit); beyond it 429. A
+    /// state frame carries no freshness, so a captured one can be replayed: this
+    /// bounds how fast that flips a node.
+    #[arg(long, env = "REGISTRAR_STATE_RATE_PER_NODE",
+          default_value_t = registrar::server::DEFAULT_STATE_RATE_PER_NODE)]
+    state_rate_per_node: f64,
+    /// State changes one node may make at once before --state-rate-per-node applies.
+    #[arg(long, env = "REGISTRAR_STATE_BURST_PER_NODE",
+          default_value_t = registrar::server::DEFAULT_STATE_BURST_PER_NODE)]
+    state_burst_per_node: u32,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9844; off when
     /// not given).
     #[arg(long, env = "REGISTRAR_METRICS_ADDR")]
@@ -344,6 +356,8 @@ async fn listen<S: Stores>(
         ),
         rate_per_source: args.rate_per_source,
         burst: args.burst,
+        state_rate_per_node: args.state_rate_per_node,
+        state_burst_per_node: args.state_burst_per_node,
         ..ServerConfig::default()
     };
     let cancel = CancellationToken::new();

@@ -16,7 +16,9 @@ use crate::core::crypto::storage_key::SealNonce;
 use crate::core::crypto::{self, CryptoError, KeyRing, MAX_MODULUS_LEN, StorageKey};
 use crate::core::random::RandomError;
 use crate::store::StoreError;
-use crate::store::ijam::{IjamStore, NodeStatus, RegisterOp, RegisterOutcome, TransitionOutcome};
+use crate::store::ijam::{
+    IjamStore, NodeStatus, RegisterOp, RegisterOutcome, StateFrameDigest, TransitionOutcome,
+};
 use crate::wire::DecodeError;
 use crate::wire::ijam::{self, RegisterRequest, StateCode, StateRequest, Status};
 
@@ -111,8 +113,33 @@ impl IjamError {
             IjamError::Unusable(_) => "unusable",
             IjamError::StoredKeyRefused => "stored_key_refused",
             IjamError::TransitionNotAllowed { .. } => "transition_not_allowed",
+            IjamError::Store(StoreError::OutcomeUnknown { .. }) => "outcome_unknown",
             IjamError::Store(_) => "store_unavailable",
             IjamError::Crypto(_) => "crypto_error",
+        }
+    }
+
+    /// The store could not tell whether the request took effect: it gets no reply at
+    /// all (a TCP connection is closed), never an error that could hide a write; its
+    /// byte-identical retry is answered from the replay record.
+    pub fn withholds_reply(&self) -> bool {
+        matches!(self, IjamError::Store(StoreError::OutcomeUnknown { .. }))
+    }
+}
+
+/// What a state request that succeeded did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateChange {
+    Changed,
+    /// The same frame as the last one that changed the node: nothing changed.
+    Repeated,
+}
+
+impl StateChange {
+    pub fn outcome(self) -> &'static str {
+        match self {
+            StateChange::Changed => "changed",
+            StateChange::Repeated => "repeated",
         }
     }
 }
@@ -317,12 +344,16 @@ impl<S: IjamStore> IjamFlow<S> {
     }
 
     /// A state request: node id in clear → its key → decrypt → one atomic transition.
+    /// A frame byte-identical to the last one that changed the node (a replay, or a
+    /// retry whose reply was lost) is answered 200 and changes nothing: the protocol
+    /// has no freshness, so this is what keeps a replay from rewriting the node's
+    /// address, and what lets a retry after a lost outcome be answered truthfully.
     pub async fn change_state(
         &self,
         request: &StateRequest,
         peer_ip: &str,
         now_ms: i64,
-    ) -> Result<(Uuid, StateCode), IjamError> {
+    ) -> Result<(Uuid, StateCode, StateChange), IjamError> {
         let id = request.node_id;
         let node = self.store.node(id).await?.ok_or(IjamError::UnknownNode)?;
         if matches!(node.status, NodeStatus::Revoked | NodeStatus::Expired) {
@@ -340,8 +371,14 @@ impl<S: IjamStore> IjamFlow<S> {
             StateCode::Loading => NodeStatus::Loading,
             StateCode::Online => NodeStatus::Online,
         };
-        match self.store.transition(id, target, peer_ip, now_ms).await? {
-            TransitionOutcome::Changed { .. } => Ok((id, code)),
+        let frame = StateFrameDigest(crypto::sha256(&request.to_bytes()));
+        match self
+            .store
+            .transition(id, target, peer_ip, now_ms, frame)
+            .await?
+        {
+            TransitionOutcome::Changed { .. } => Ok((id, code, StateChange::Changed)),
+            TransitionOutcome::Repeated { .. } => Ok((id, code, StateChange::Repeated)),
             TransitionOutcome::NotAllowed { from } => Err(IjamError::TransitionNotAllowed {
                 from: from.as_str(),
                 to: target.as_str(),

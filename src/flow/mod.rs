@@ -89,6 +89,9 @@ pub struct Classified {
     pub status: Status,
     pub outcome: &'static str,
     pub store_failed: bool,
+    /// The store could not tell whether the request took effect: no reply at all (a
+    /// TCP connection is closed), never an error that could hide a write.
+    pub withhold: bool,
 }
 
 /// A flow served on the envelope port.

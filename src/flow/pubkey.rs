@@ -324,6 +324,7 @@ impl<S: PubkeyStore> PubkeyFlow<S> {
             nonce: r.nonce.0,
             now_ms,
             nonce_expires_ms: (issued_ms + NONCE_VALIDITY_MS + MAX_CLOCK_SKEW_MS).max(now_ms + 1),
+            attempt: ctx.random[16..].try_into().expect("16 of 32 bytes"),
         };
         let outcome = self
             .store
@@ -422,12 +423,16 @@ impl<S: PubkeyStore> EnvelopeFlow for PubkeyFlow<S> {
             PubkeyError::UnknownDevice => (Status::NOT_FOUND, "unknown_device", false),
             PubkeyError::NonceUsed => (Status::CONFLICT, "nonce_used", false),
             PubkeyError::NonceExpired => (Status::GONE, "nonce_expired", false),
+            PubkeyError::Store(StoreError::OutcomeUnknown { .. }) => {
+                (Status::SERVICE_UNAVAILABLE, "outcome_unknown", true)
+            }
             PubkeyError::Store(_) => (Status::SERVICE_UNAVAILABLE, "store_unavailable", true),
         };
         Classified {
             status,
             outcome,
             store_failed,
+            withhold: matches!(error, PubkeyError::Store(StoreError::OutcomeUnknown { .. })),
         }
     }
 }
@@ -469,10 +474,16 @@ mod tests {
         }
     }
 
+    /// Each request's randomness: the nonce bytes fixed (the tests read them), the
+    /// rest new each time, as a request's attempt id is.
     fn ctx(now_ms: i64) -> Context<'static, Inline> {
+        static REQUESTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = REQUESTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut random = [3; 32];
+        random[16..24].copy_from_slice(&n.to_be_bytes());
         Context {
             now_ms,
-            random: [3; 32],
+            random,
             offload: &Inline,
         }
     }

@@ -19,14 +19,15 @@ struct Bucket {
     last: Instant,
 }
 
+/// Token buckets by key: a source address, or a node.
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    buckets: Mutex<HashMap<K, Bucket>>,
 }
 
-impl RateLimiter {
+impl<K: std::hash::Hash + Eq + Copy> RateLimiter<K> {
     /// `rate` requests per second sustained, up to `burst` at once, per source address.
     /// `None` when `rate` is 0 (no limit).
     pub fn new(rate: f64, burst: u32) -> Option<Self> {
@@ -38,7 +39,7 @@ impl RateLimiter {
     }
 
     /// Takes one token for `source` at `now`; false when its bucket is empty.
-    pub fn admit(&self, source: IpAddr, now: Instant) -> bool {
+    pub fn admit(&self, source: K, now: Instant) -> bool {
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= SWEEP_AT {
             let (rate, burst) = (self.rate, self.burst);
@@ -107,7 +108,7 @@ mod tests {
 
     #[test]
     fn a_source_gets_its_burst_then_its_rate_and_others_are_unaffected() {
-        let limiter = RateLimiter::new(10.0, 3).unwrap();
+        let limiter: RateLimiter = RateLimiter::new(10.0, 3).unwrap();
         let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         let t0 = Instant::now();
         assert!((0..3).all(|_| limiter.admit(a, t0)));
@@ -137,12 +138,12 @@ mod tests {
 
     #[test]
     fn zero_rate_means_no_limiter() {
-        assert!(RateLimiter::new(0.0, 10).is_none());
+        assert!(RateLimiter::<IpAddr>::new(0.0, 10).is_none());
     }
 
     #[test]
     fn idle_sources_are_swept_so_memory_stays_bounded() {
-        let limiter = RateLimiter::new(1000.0, 1).unwrap();
+        let limiter: RateLimiter = RateLimiter::new(1000.0, 1).unwrap();
         let t0 = Instant::now();
         for i in 0..SWEEP_AT as u32 {
             limiter.admit(IpAddr::from(i.to_be_bytes()), t0);

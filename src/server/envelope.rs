@@ -290,11 +290,18 @@ impl<S: Stores> EnvelopeServer<S> {
                             }
                             connection.busy();
                             let (server, replies) = (Arc::clone(self), replies.clone());
+                            let close = dead.clone();
                             tasks.spawn(async move {
-                                if let Some(reply) =
-                                    server.handle(frame, peer, Transport::Tcp).await
-                                {
-                                    let _ = replies.send(reply).await;
+                                match server.handle(frame, peer, Transport::Tcp).await {
+                                    Some(reply) => {
+                                        let _ = replies.send(reply).await;
+                                    }
+                                    // Its outcome is unknown: closing tells the client
+                                    // at once to retry the same bytes.
+                                    None => {
+                                        metrics::connection_closed("envelope", "outcome_unknown");
+                                        close.cancel();
+                                    }
                                 }
                             });
                         }
@@ -373,7 +380,8 @@ impl<S: Stores> EnvelopeServer<S> {
     }
 
     /// One frame, whatever the transport: the reply, or `None` when a UDP request is
-    /// shed (dropped, as a datagram can be).
+    /// shed (dropped, as a datagram can be) or its outcome is unknown (no reply; a TCP
+    /// connection is closed).
     pub async fn handle(
         &self,
         frame: EnvelopeFrame,
@@ -479,6 +487,7 @@ impl<S: Stores> EnvelopeServer<S> {
             }
             Err(Failure::Flow(e)) => {
                 let class = F::classify(&e);
+                let withhold = class.withhold;
                 let ending = Ending::Failed {
                     outcome: class.outcome,
                     error: &e,
@@ -489,6 +498,9 @@ impl<S: Stores> EnvelopeServer<S> {
                     },
                 };
                 finish(at, subject, started.elapsed(), ending);
+                if withhold {
+                    return None;
+                }
                 Some(reply(&h, class.status, Bytes::new()))
             }
             Err(Failure::Refused(refusal)) => refused(refusal),

@@ -12,8 +12,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::debug;
+use uuid::Uuid;
 
-use super::admission::Admission;
+use super::admission::{Admission, RateLimiter};
 use super::listen::{
     BindError, Connection, DatagramPort, Wake, accept_loop, bind_pair, listen, serve_datagrams,
     wait_for_request,
@@ -98,6 +99,9 @@ pub struct IjamServer<S> {
     /// Registrations (RSA work) and state changes each spend a budget of their own.
     admission: Admission,
     state_admission: Admission,
+    /// State changes per node: the frames carry no freshness, so a captured one can be
+    /// replayed; this bounds how fast a node's status can be flipped that way.
+    state_per_node: Option<RateLimiter<Uuid>>,
     /// Cancelled at shutdown: connections stop reading new requests, but a request
     /// already read is answered.
     shutdown: CancellationToken,
@@ -113,6 +117,10 @@ impl<S: IjamStore> IjamServer<S> {
         Arc::new(IjamServer {
             admission: Admission::new(config.rate_per_source, config.burst),
             state_admission: Admission::new(config.rate_per_source, config.burst),
+            state_per_node: RateLimiter::new(
+                config.state_rate_per_node,
+                config.state_burst_per_node,
+            ),
             flow,
             pool,
             config,
@@ -205,7 +213,11 @@ impl<S: IjamStore> IjamServer<S> {
             tracker.clone(),
             move |datagram, peer| {
                 let s = Arc::clone(&s);
-                async move { Some(s.state(datagram, peer, Transport::Udp).await.reply) }
+                async move {
+                    s.state(datagram, peer, Transport::Udp)
+                        .await
+                        .map(|a| a.reply)
+                }
             },
         ));
     }
@@ -303,7 +315,7 @@ impl<S: IjamStore> IjamServer<S> {
             connection,
             "state",
             STATE_REQUEST_LEN,
-            |s, frame| async move { Some(s.state(frame, peer, Transport::Tcp).await) },
+            |s, frame| async move { s.state(frame, peer, Transport::Tcp).await },
         )
         .await
     }
@@ -361,8 +373,11 @@ impl<S: IjamStore> IjamServer<S> {
             let answer = handle(Arc::clone(&self), Bytes::from(frame)).await;
             connection.release();
             let Some(answer) = answer else {
-                connection.idle(Instant::now());
-                continue;
+                // Over TCP only a request whose outcome is unknown goes unanswered:
+                // closing tells the client at once to retry the same bytes.
+                debug!(%peer, port, "outcome unknown; closing without a reply");
+                metrics::connection_closed(port, "outcome_unknown");
+                return;
             };
             let sent = tokio::time::timeout(idle_timeout, stream.write_all(&answer.reply)).await;
             if !matches!(sent, Ok(Ok(()))) {
@@ -382,7 +397,8 @@ impl<S: IjamStore> IjamServer<S> {
     }
 
     /// One registration, whatever the transport; `None` when a UDP request is shed
-    /// (dropped without a reply, as a datagram can be).
+    /// (dropped without a reply, as a datagram can be) or when its outcome is unknown
+    /// ([`IjamError::withholds_reply`]).
     async fn register(
         &self,
         ciphertext: Bytes,
@@ -445,6 +461,9 @@ impl<S: IjamStore> IjamServer<S> {
             }
             Err(Ok(e)) => {
                 finish(at, None, latency, failed(&e));
+                if e.withholds_reply() {
+                    return None;
+                }
                 let bad = matches!(e, IjamError::Undecryptable | IjamError::Malformed(_));
                 Some(Answer {
                     reply: e.register_reply(),
@@ -468,7 +487,9 @@ impl<S: IjamStore> IjamServer<S> {
         }
     }
 
-    async fn state(&self, frame: Bytes, peer: SocketAddr, transport: Transport) -> Answer {
+    /// One state change; `None` when its outcome is unknown (no reply, see
+    /// [`IjamError::withholds_reply`]).
+    async fn state(&self, frame: Bytes, peer: SocketAddr, transport: Transport) -> Option<Answer> {
         let started = Instant::now();
         let at = Arrival {
             flow: STATE,
@@ -482,20 +503,28 @@ impl<S: IjamStore> IjamServer<S> {
             Err(e) => {
                 let e = IjamError::Malformed(e);
                 finish(at, None, started.elapsed(), failed(&e));
-                return Answer {
+                return Some(Answer {
                     reply: e.state_reply(),
                     bad: true,
                     progress: false,
-                };
+                });
             }
         };
-        if let Err(refusal) = self.state_admission.admit(peer.ip(), transport, started) {
+        let per_node = |node| match &self.state_per_node {
+            Some(limiter) if !limiter.admit(node, started) => Err(Refusal::RateLimited),
+            _ => Ok(()),
+        };
+        if let Err(refusal) = self
+            .state_admission
+            .admit(peer.ip(), transport, started)
+            .and_then(|()| per_node(request.node_id))
+        {
             finish(at, None, started.elapsed(), Ending::Refused(refusal));
-            return Answer {
+            return Some(Answer {
                 reply: ijam::state_reply(ijam::Status::TOO_MANY_REQUESTS).to_vec(),
                 bad: false,
                 progress: false,
-            };
+            });
         }
         let result = self
             .flow
@@ -503,28 +532,33 @@ impl<S: IjamStore> IjamServer<S> {
             .await;
         let latency = started.elapsed();
         match result {
-            Ok((node_id, code)) => {
+            Ok((node_id, code, change)) => {
                 let subject = format!("{node_id} → {}", code.as_str());
                 finish(
                     at,
                     Some(subject.as_str()),
                     latency,
-                    Ending::Served { outcome: "changed" },
+                    Ending::Served {
+                        outcome: change.outcome(),
+                    },
                 );
-                Answer {
+                Some(Answer {
                     reply: ijam::state_reply(ijam::Status::OK).to_vec(),
                     bad: false,
                     progress: true,
-                }
+                })
             }
             Err(e) => {
                 finish(at, None, latency, failed(&e));
+                if e.withholds_reply() {
+                    return None;
+                }
                 let bad = matches!(e, IjamError::Malformed(_));
-                Answer {
+                Some(Answer {
                     reply: e.state_reply().to_vec(),
                     bad,
                     progress: !bad,
-                }
+                })
             }
         }
     }

@@ -27,6 +27,11 @@ pub use listen::{BindError, ConnectionLimit, UDP_RECEIVE_BUFFER};
 /// devices registering at once still fits.
 pub const DEFAULT_CONNECTIONS_PER_SOURCE: usize = 512;
 
+/// State changes a node may make per second, sustained, and at once: a node changes
+/// state a few times a day; a replayed frame must not flip it at line rate.
+pub const DEFAULT_STATE_RATE_PER_NODE: f64 = 1.0;
+pub const DEFAULT_STATE_BURST_PER_NODE: u32 = 20;
+
 /// Request bytes all connections together may hold in their buffers.
 pub const DEFAULT_MAX_BUFFERED: usize = 64 << 20;
 
@@ -46,6 +51,9 @@ pub struct ServerConfig {
     /// Requests per second per source address (0: no limit), and the burst.
     pub rate_per_source: f64,
     pub burst: u32,
+    /// State changes per second per node (0: no limit), and the burst.
+    pub state_rate_per_node: f64,
+    pub state_burst_per_node: u32,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +69,8 @@ impl Default for ServerConfig {
             max_udp_in_flight: 4096,
             rate_per_source: 100.0,
             burst: 1000,
+            state_rate_per_node: DEFAULT_STATE_RATE_PER_NODE,
+            state_burst_per_node: DEFAULT_STATE_BURST_PER_NODE,
         }
     }
 }

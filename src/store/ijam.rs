@@ -163,9 +163,29 @@ pub enum RegisterOutcome {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TransitionOutcome {
-    Changed { from: NodeStatus },
-    NotAllowed { from: NodeStatus },
+    Changed {
+        from: NodeStatus,
+    },
+    NotAllowed {
+        from: NodeStatus,
+    },
     UnknownNode,
+    /// The frame is byte-identical to the last one that changed this node: a replay
+    /// or a retry. Nothing changed (not even the recorded address).
+    Repeated {
+        status: NodeStatus,
+    },
+}
+
+/// SHA-256 of a whole state frame as it arrived: what a node record remembers of the
+/// last frame that changed it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct StateFrameDigest(pub [u8; 32]);
+
+impl std::fmt::Debug for StateFrameDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StateFrameDigest({})", hex::encode(&self.0[..4]))
+    }
 }
 
 /// The ijam flow's atomic operations and the admin commands' reads and writes.
@@ -224,14 +244,17 @@ pub trait IjamStore: Send + Sync + 'static {
         &self,
         network: Option<&str>,
     ) -> impl Future<Output = Result<Vec<Node>, StoreError>> + Send;
-    /// Moves `id` to `target` if its current status is in `target.allowed_origins()`.
-    /// `ip` is recorded (and `online_ms` set) when the target is `Online`.
+    /// Moves `id` to `target` if its current status is in `target.allowed_origins()`,
+    /// and remembers `frame` as the last frame that changed it; a frame equal to that
+    /// one changes nothing (`Repeated`). `ip` is recorded (and `online_ms` set) when the
+    /// target is `Online`.
     fn transition(
         &self,
         id: Uuid,
         target: NodeStatus,
         ip: &str,
         now_ms: i64,
+        frame: StateFrameDigest,
     ) -> impl Future<Output = Result<TransitionOutcome, StoreError>> + Send;
     /// Status `revoked`, key erased; later state requests get 403 and a registration
     /// naming this id gets a fresh one.

@@ -26,9 +26,15 @@ use crate::core::ids::DeviceId;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    /// The store could not be reached or failed mid-operation; nothing was written.
+    /// The store could not be reached, or refused the operation; nothing was written.
     #[error("store unavailable ({url}): {cause}")]
     Unavailable { url: String, cause: String },
+    /// The operation was sent and the store did not answer (connection lost, no reply
+    /// in time), and re-running it could not tell within the time allowed whether it
+    /// took effect: the request must get no answer at all, never an error that could
+    /// hide a write (its byte-identical retry is answered from the replay record).
+    #[error("store outcome unknown ({url}): {cause}")]
+    OutcomeUnknown { url: String, cause: String },
     /// An admin command found no store where it looked (it never makes one).
     #[error(
         "no store at {url}: `registrar init` (or the first `registrar serve`) makes it; \

@@ -73,6 +73,10 @@ pub struct AttestOp {
     /// Until when the used nonce must be remembered (past its validity on every
     /// listener); `> now_ms`.
     pub nonce_expires_ms: i64,
+    /// Random, made for this request by the caller: the used nonce remembers it, so a
+    /// re-run of this very request (its first outcome lost with the connection) is
+    /// told it attested, while any other request with the nonce is told it is used.
+    pub attempt: [u8; 16],
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -199,15 +199,16 @@ fn failed_requests_are_debug_lines_summed_once_a_second() {
     let (l, _) = start(&[]);
     let started = Instant::now();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let unknown = state_frame(
-        uuid::Uuid::from_bytes([3; 16]),
-        &random_key(),
-        registrar::wire::ijam::StateCode::Online,
-    );
     for i in 0..200u32 {
         let mut garbage = vec![0x5a; 30];
         garbage[8..12].copy_from_slice(&i.to_be_bytes());
         socket.send_to(&garbage, l.ports.envelope_udp).unwrap();
+        // Unknown nodes, each its own (a node has a budget of its own too).
+        let unknown = state_frame(
+            uuid::Uuid::from_u128(u128::from(i) + 1),
+            &random_key(),
+            registrar::wire::ijam::StateCode::Online,
+        );
         socket.send_to(&unknown, l.ports.state_udp).unwrap();
     }
     for _ in 0..20 {

@@ -1,7 +1,10 @@
-//! Faults injected for real: a Redis with an fsynced AOF killed mid-load, the listener
-//! itself SIGKILLed mid-load on both stores, two listeners racing on one Redis. The
-//! promises: an acknowledged registration is never lost, a passphrase is consumed iff
-//! its node exists, and a retry of the same bytes settles every unanswered request.
+//! Faults injected for real: a Redis with an fsynced AOF killed mid-load, a Redis
+//! stopped (SIGSTOP) mid-load, the listener itself SIGKILLed and stopped mid-load on
+//! both stores, two listeners racing on one Redis. The promises: an acknowledged
+//! registration is never lost; an error reply never hides a write (a request answered
+//! with an error has no node); a passphrase is consumed iff its node exists; and a
+//! retry of the same bytes settles every unanswered request, after which the nodes
+//! are exactly the acknowledged registrations.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -49,15 +52,35 @@ fn plan(l: &Listener) -> Vec<Planned> {
         .collect()
 }
 
-/// A request whose outcome the client may not learn: `None` when the connection broke.
-fn try_exchange(addr: SocketAddr, bytes: &[u8]) -> Option<Vec<u8>> {
-    let mut stream = TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(TIMEOUT)).ok()?;
-    stream.write_all(bytes).ok()?;
-    stream.shutdown(Shutdown::Write).ok()?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).ok()?;
-    (!reply.is_empty()).then_some(reply)
+/// What the client of one request learnt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// 200 with this node id.
+    Acknowledged(Uuid),
+    /// An error reply (503 during an outage): nothing may have been written.
+    Refused(Vec<u8>),
+    /// No reply: the connection broke or was closed (the outcome was unknown).
+    Unanswered,
+}
+
+/// One request on a connection of its own, however it ends.
+fn try_exchange(addr: SocketAddr, p: &Planned) -> Answer {
+    let attempt = || -> Option<Vec<u8>> {
+        let mut stream = TcpStream::connect(addr).ok()?;
+        stream.set_read_timeout(Some(TIMEOUT)).ok()?;
+        stream.write_all(&p.ciphertext).ok()?;
+        stream.shutdown(Shutdown::Write).ok()?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).ok()?;
+        (!reply.is_empty()).then_some(reply)
+    };
+    match attempt() {
+        Some(reply) if reply.starts_with(&[0xc8, 0x00]) => {
+            Answer::Acknowledged(decode_reply_upstream(&reply, &p.key))
+        }
+        Some(reply) => Answer::Refused(reply),
+        None => Answer::Unanswered,
+    }
 }
 
 /// Where the load pauses so the fault lands mid-load: threads 0 and 1 stop after a
@@ -77,13 +100,13 @@ impl Midpoint {
     }
 }
 
-/// Sends every planned request from 4 threads; `Some(id)` for each acknowledged one.
+/// Sends every planned request from 4 threads; what each client learnt.
 fn run_load(
     addr: SocketAddr,
     planned: &Arc<Vec<Planned>>,
     midpoint: &Arc<Midpoint>,
-) -> Vec<Option<Uuid>> {
-    let results = Arc::new(Mutex::new(vec![None; planned.len()]));
+) -> Vec<Answer> {
+    let results = Arc::new(Mutex::new(vec![Answer::Unanswered; planned.len()]));
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let (planned, results, midpoint) = (
@@ -97,12 +120,7 @@ fn run_load(
                         midpoint.reached.wait();
                         midpoint.go_on.wait();
                     }
-                    let p = &planned[i];
-                    if let Some(reply) = try_exchange(addr, &p.ciphertext)
-                        && reply.starts_with(&[0xc8, 0x00])
-                    {
-                        results.lock().unwrap()[i] = Some(decode_reply_upstream(&reply, &p.key));
-                    }
+                    results.lock().unwrap()[i] = try_exchange(addr, &planned[i]);
                 }
             })
         })
@@ -113,18 +131,28 @@ fn run_load(
     Arc::try_unwrap(results).unwrap().into_inner().unwrap()
 }
 
-/// The three invariants, read through the admin commands.
-fn check_invariants(l: &Listener, planned: &[Planned], acknowledged: &[Option<Uuid>]) {
+/// The invariants, read through the admin commands: every acknowledged registration
+/// is there under its id; no request answered with an error has a node; a passphrase
+/// is consumed iff its node exists.
+fn check_invariants(l: &Listener, planned: &[Planned], answers: &[Answer]) {
     let nodes = l.nodes_json();
     let pending: Vec<serde_json::Value> =
         serde_json::from_str(&l.admin_ok(&["--json", "passphrase", "list", "net"])).unwrap();
     let node_named = |name: &str| nodes.iter().find(|n| n["name"] == name);
     let is_pending = |name: &str| pending.iter().any(|p| p["node_name"] == name);
-    for (p, ack) in planned.iter().zip(acknowledged) {
-        if let Some(id) = ack {
-            let node = node_named(&p.name)
-                .unwrap_or_else(|| panic!("acknowledged {id} ({}) was lost", p.name));
-            assert_eq!(node["id"], id.to_string(), "{}", p.name);
+    for (p, answer) in planned.iter().zip(answers) {
+        match answer {
+            Answer::Acknowledged(id) => {
+                let node = node_named(&p.name)
+                    .unwrap_or_else(|| panic!("acknowledged {id} ({}) was lost", p.name));
+                assert_eq!(node["id"], id.to_string(), "{}", p.name);
+            }
+            Answer::Refused(reply) => assert!(
+                node_named(&p.name).is_none(),
+                "{} was answered {reply:02x?} but its node was written",
+                p.name
+            ),
+            Answer::Unanswered => {}
         }
         // Consumed iff its node exists: never consumed without a node, never both.
         assert_ne!(
@@ -138,14 +166,17 @@ fn check_invariants(l: &Listener, planned: &[Planned], acknowledged: &[Option<Uu
 }
 
 /// Retries every unacknowledged request with the same bytes until it is answered 200
-/// (a replay of a committed-but-unanswered registration, or a first success).
-fn settle(addr: SocketAddr, planned: &[Planned], acknowledged: &mut [Option<Uuid>]) {
-    for (p, ack) in planned.iter().zip(acknowledged.iter_mut()) {
-        if ack.is_none() {
-            let reply = tcp_exchange(addr, &p.ciphertext);
-            *ack = Some(decode_reply_upstream(&reply, &p.key));
+/// (a replay of a committed-but-unanswered registration, or a first success); then
+/// the nodes are exactly the acknowledged registrations.
+fn settle(l: &Listener, planned: &[Planned], answers: &mut [Answer]) {
+    for (p, answer) in planned.iter().zip(answers.iter_mut()) {
+        if !matches!(answer, Answer::Acknowledged(_)) {
+            let reply = tcp_exchange(l.ports.reg_tcp, &p.ciphertext);
+            *answer = Answer::Acknowledged(decode_reply_upstream(&reply, &p.key));
         }
     }
+    check_invariants(l, planned, answers);
+    assert_eq!(l.nodes_json().len(), planned.len(), "nodes == acknowledged");
 }
 
 #[test]
@@ -171,15 +202,15 @@ fn redis_with_an_fsynced_aof_killed_mid_load_loses_nothing_acknowledged() {
     l.wait_for_log_count("outcome=\"store_unavailable\"", 3);
     l.redis().unwrap().resume();
     l.wait_for_log_count("store reachable again", 1);
-    let mut acknowledged = load.join().unwrap();
+    let mut answers = load.join().unwrap();
     assert!(
-        acknowledged.iter().any(Option::is_none),
+        answers
+            .iter()
+            .any(|a| !matches!(a, Answer::Acknowledged(_))),
         "the outage refused some requests"
     );
-    check_invariants(&l, &planned, &acknowledged);
-    settle(addr, &planned, &mut acknowledged);
-    check_invariants(&l, &planned, &acknowledged);
-    assert_eq!(l.nodes_json().len(), TOTAL);
+    check_invariants(&l, &planned, &answers);
+    settle(&l, &planned, &mut answers);
     // One line when the store went away and one when it came back, not one per request.
     let log = l.log();
     assert_eq!(
@@ -205,12 +236,78 @@ fn listener_killed_mid_load(backend: &str) {
     midpoint.reached.wait();
     let (data_dir, backend) = l.stop(); // SIGKILL
     midpoint.go_on.wait();
-    let mut acknowledged = load.join().unwrap();
+    let mut answers = load.join().unwrap();
     let l = Listener::start_in(backend, data_dir, &["--rate-per-source", "0"]);
-    check_invariants(&l, &planned, &acknowledged);
-    settle(l.ports.reg_tcp, &planned, &mut acknowledged);
-    check_invariants(&l, &planned, &acknowledged);
-    assert_eq!(l.nodes_json().len(), TOTAL);
+    check_invariants(&l, &planned, &answers);
+    settle(&l, &planned, &mut answers);
+}
+
+/// The listener stopped (SIGSTOP) for a second mid-load, then continued: every
+/// request is answered, none twice, nothing lost.
+fn listener_stopped_mid_load(backend: &str) {
+    let Some(b) = Backend::named(backend) else {
+        return;
+    };
+    let l = Listener::start(b, Key::Vector2048, &["--rate-per-source", "0"]);
+    let planned = Arc::new(plan(&l));
+    let addr = l.ports.reg_tcp;
+    let midpoint = Midpoint::new();
+    let load = {
+        let (planned, midpoint) = (Arc::clone(&planned), Arc::clone(&midpoint));
+        std::thread::spawn(move || run_load(addr, &planned, &midpoint))
+    };
+    midpoint.reached.wait();
+    l.signal("STOP");
+    midpoint.go_on.wait();
+    // The fault under test: how long the listener stays stopped.
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    l.signal("CONT");
+    let mut answers = load.join().unwrap();
+    check_invariants(&l, &planned, &answers);
+    assert!(
+        answers.iter().all(|a| matches!(a, Answer::Acknowledged(_))),
+        "{answers:?}"
+    );
+    settle(&l, &planned, &mut answers);
+}
+
+#[test]
+fn the_listener_stopped_mid_load_on_sqlite_answers_everything_once() {
+    listener_stopped_mid_load("sqlite");
+}
+
+#[test]
+fn the_listener_stopped_mid_load_on_redis_answers_everything_once() {
+    listener_stopped_mid_load("redis");
+}
+
+/// Redis stopped (SIGSTOP) while registrations are in flight: their scripts were sent
+/// and no reply comes. They are not answered 503 (their scripts run when Redis
+/// continues): each is run again until Redis answers, and the replay record tells a
+/// script that ran from one that did not.
+#[test]
+fn redis_stopped_mid_load_never_answers_an_error_that_hides_a_write() {
+    let Some(b) = Backend::named("redis") else {
+        return;
+    };
+    let mut l = Listener::start(b, Key::Vector2048, &["--rate-per-source", "0"]);
+    let planned = Arc::new(plan(&l));
+    let addr = l.ports.reg_tcp;
+    let midpoint = Midpoint::new();
+    let load = {
+        let (planned, midpoint) = (Arc::clone(&planned), Arc::clone(&midpoint));
+        std::thread::spawn(move || run_load(addr, &planned, &midpoint))
+    };
+    midpoint.reached.wait();
+    l.redis().unwrap().pause();
+    midpoint.go_on.wait();
+    // Requests in flight found no reply in time (the store's response timeout): they
+    // are run again (or, were they answered 503, the invariants below would fail).
+    l.wait_for_log_any(&["outcome unknown; running it again", "store_unavailable"]);
+    l.redis().unwrap().unpause();
+    let mut answers = load.join().unwrap();
+    check_invariants(&l, &planned, &answers);
+    settle(&l, &planned, &mut answers);
 }
 
 #[test]

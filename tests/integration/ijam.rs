@@ -126,6 +126,7 @@ ijam_battery!(
     several_requests_on_one_connection_and_split_writes,
     a_retry_after_the_replay_ttl_finds_the_passphrase_spent,
     what_the_original_accepted_registers_c_strings_and_arch_0_and_1,
+    a_replayed_state_frame_rewrites_nothing_and_a_node_has_a_budget,
 );
 
 fn listener(backend: &str, key: Key) -> Option<Listener> {
@@ -880,4 +881,64 @@ fn a_sealed_key_copied_into_another_nodes_record_is_refused_there_sqlite() {
 #[test]
 fn a_sealed_key_copied_into_another_nodes_record_is_refused_there_redis() {
     a_sealed_key_copied_into_another_nodes_record_is_refused_there("redis")
+}
+
+/// A state frame has no freshness: a captured one can be sent again from anywhere.
+/// The frame that last changed a node, sent again, is answered 200 and changes
+/// nothing (not the recorded address); and a node's frames have a budget of their own
+/// (`--state-burst-per-node`), whatever their sources.
+fn a_replayed_state_frame_rewrites_nothing_and_a_node_has_a_budget(backend: &str) {
+    let Some(l) = Backend::named(backend).map(|b| {
+        Listener::start(
+            b,
+            Key::Vector2048,
+            &[
+                "--state-burst-per-node",
+                "4",
+                "--state-rate-per-node",
+                "0.001",
+            ],
+        )
+    }) else {
+        return;
+    };
+    l.create_network("net", "alice");
+    let (id, key) = register_one(&l, "net", "n1");
+    let online = state_frame(id, &key, StateCode::Online);
+    assert_eq!(
+        tcp_exchange(l.ports.state_tcp, &online),
+        200u16.to_le_bytes()
+    );
+    assert_eq!(l.node_json(id)["ip"], "127.0.0.1");
+    // The same bytes from another address, over UDP: 200, and the address stays.
+    let elsewhere = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    elsewhere.set_read_timeout(Some(TIMEOUT)).unwrap();
+    elsewhere.send_to(&online, l.ports.state_udp).unwrap();
+    let mut reply = [0u8; 64];
+    let (n, _) = elsewhere.recv_from(&mut reply).unwrap();
+    assert_eq!(&reply[..n], 200u16.to_le_bytes());
+    let node = l.node_json(id);
+    assert_eq!(
+        (node["ip"].as_str(), node["status"].as_str()),
+        (Some("127.0.0.1"), Some("online"))
+    );
+    l.wait_for_log_count("outcome=\"repeated\"", 1);
+    // Two more frames spend the node's burst of 4; the fifth is refused.
+    for code in [StateCode::Offline, StateCode::Online] {
+        let frame = state_frame(id, &key, code);
+        assert_eq!(
+            tcp_exchange(l.ports.state_tcp, &frame),
+            200u16.to_le_bytes()
+        );
+    }
+    let fifth = state_frame(id, &key, StateCode::Offline);
+    assert_eq!(
+        tcp_exchange(l.ports.state_tcp, &fifth),
+        429u16.to_le_bytes()
+    );
+    assert_eq!(
+        l.node_json(id)["status"],
+        "online",
+        "the refused frame changed nothing"
+    );
 }

@@ -6,16 +6,17 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use uuid::Uuid;
 
 use super::keys::{self, Owner};
-use super::{RedisStore, field, int_field, tag, unexpected};
+use super::{RedisStore, SETTLE_WITHIN, field, int_field, tag, unexpected};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, TransitionOutcome, protected_key, protected_passphrase,
-    sealed_key,
+    RegisterOutcome, SealedNodeKey, StateFrameDigest, TransitionOutcome, protected_key,
+    protected_passphrase, sealed_key,
 };
 
 /// Records read per round trip by a listing that reads every node.
@@ -180,6 +181,127 @@ impl RedisStore {
             return Ok(None);
         }
         parse_network(id, owner, &record, pending, nodes).map(Some)
+    }
+}
+
+impl RedisStore {
+    /// One try of a registration: the script, and the node index around it. Every
+    /// answer after the script may have written counts as unknown when it fails, so
+    /// [`Inner::settle`] runs it again (the replay record answers the second time).
+    async fn register_once(&self, op: &RegisterOp) -> Result<RegisterOutcome, StoreError> {
+        let net = op.network.as_str();
+        // At most: a stale remembered owner, then a claim of the requested id.
+        let mut fresh_lookup = false;
+        let mut claimed: Option<String> = None;
+        for _ in 0..3 {
+            let Some(owner) = self.network_owner(net, fresh_lookup).await? else {
+                return Ok(RegisterOutcome::InvalidPassphrase);
+            };
+            let slot = Owner(&owner);
+            let requested = match (op.requested_id, &claimed) {
+                (None, _) => "",
+                (Some(_), Some(holder)) => indexed(&owner, Some(holder.as_str())),
+                (Some(id), None) => indexed(&owner, self.node_owner(id, false).await?.as_deref()),
+            };
+            let mut script_keys = vec![
+                slot.network(net),
+                slot.passphrases(net),
+                slot.passphrase_names(net),
+                slot.nodes(),
+                slot.replay(net, &op.replay_key.0),
+                slot.node(op.fresh_id),
+            ];
+            if let Some(id) = op.requested_id {
+                script_keys.push(slot.node(id));
+            }
+            let args = [
+                op.network.clone(),
+                hex::encode(protected_passphrase(&op.passphrase)?.0),
+                op.now_ms.to_string(),
+                op.replay_ttl_ms.to_string(),
+                op.fresh_id.hyphenated().to_string(),
+                op.requested_id
+                    .map(|id| id.hyphenated().to_string())
+                    .unwrap_or_default(),
+                hex::encode(protected_key(&op.fresh_node_key)?),
+                match op.requested_id {
+                    Some(id) => hex::encode(protected_key(op.node_key_for(id)?)?),
+                    None => String::new(),
+                },
+                op.node_type.to_owned(),
+                op.arch.to_owned(),
+                owner.to_string(),
+                requested.to_owned(),
+            ];
+            // The node index of the fresh id goes in the same round trip: it is what
+            // almost every registration makes, and the other outcomes take it back.
+            let fresh_index = keys::node_owner(op.fresh_id);
+            let reply = self
+                .inner
+                .run_then(&self.scripts.register, &script_keys, &args, |pipe| {
+                    pipe.cmd("SET")
+                        .arg(&fresh_index)
+                        .arg(&*owner)
+                        .arg("NX")
+                        .ignore();
+                })
+                .await?;
+            let id = || {
+                reply
+                    .get(1)
+                    .and_then(|s| Uuid::try_parse(s).ok())
+                    .ok_or_else(|| unexpected("register", &reply))
+            };
+            let made_fresh = tag(&reply) == "created" && id().ok() == Some(op.fresh_id);
+            if !made_fresh {
+                self.inner
+                    .query::<()>(redis::pipe().del(&fresh_index).ignore())
+                    .await
+                    .map_err(unknown_after_write)?;
+            }
+            let outcome = match tag(&reply) {
+                "no_network" if !fresh_lookup => {
+                    forget(&self.ijam.network_owners, &op.network);
+                    fresh_lookup = true;
+                    continue;
+                }
+                "no_network" | "invalid" => return Ok(RegisterOutcome::InvalidPassphrase),
+                "claim" => {
+                    let id = op
+                        .requested_id
+                        .ok_or_else(|| unexpected("register", &reply))?;
+                    claimed = Some(self.claim(keys::node_owner(id), &owner).await?);
+                    continue;
+                }
+                "created" => RegisterOutcome::Created { node_id: id()? },
+                "reregistered" => RegisterOutcome::Reregistered { node_id: id()? },
+                "replayed" => RegisterOutcome::Replayed { node_id: id()? },
+                _ => return Err(unexpected("register", &reply)),
+            };
+            // The node index leads state requests to the owner's slot: a fresh id's
+            // was set with the script; a requested id was found or claimed under this
+            // owner; after a replay it is set again, in case the first answer died
+            // before setting it.
+            let node_id = outcome_node(outcome);
+            if !made_fresh {
+                self.inner
+                    .query::<()>(
+                        redis::pipe()
+                            .cmd("SET")
+                            .arg(keys::node_owner(node_id))
+                            .arg(&*owner)
+                            .arg("NX")
+                            .ignore(),
+                    )
+                    .await
+                    .map_err(unknown_after_write)?;
+            }
+            remember(&self.ijam.node_owners, node_id, owner);
+            return Ok(outcome);
+        }
+        Err(StoreError::Corrupt(format!(
+            "register in network {net:?}: the network and node indexes kept changing"
+        )))
     }
 }
 
@@ -414,117 +536,9 @@ impl IjamStore for RedisStore {
     }
 
     async fn register(&self, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
-        let net = op.network.as_str();
-        // At most: a stale remembered owner, then a claim of the requested id.
-        let mut fresh_lookup = false;
-        let mut claimed: Option<String> = None;
-        for _ in 0..3 {
-            let Some(owner) = self.network_owner(net, fresh_lookup).await? else {
-                return Ok(RegisterOutcome::InvalidPassphrase);
-            };
-            let slot = Owner(&owner);
-            let requested = match (op.requested_id, &claimed) {
-                (None, _) => "",
-                (Some(_), Some(holder)) => indexed(&owner, Some(holder.as_str())),
-                (Some(id), None) => indexed(&owner, self.node_owner(id, false).await?.as_deref()),
-            };
-            let mut script_keys = vec![
-                slot.network(net),
-                slot.passphrases(net),
-                slot.passphrase_names(net),
-                slot.nodes(),
-                slot.replay(net, &op.replay_key.0),
-                slot.node(op.fresh_id),
-            ];
-            if let Some(id) = op.requested_id {
-                script_keys.push(slot.node(id));
-            }
-            let args = [
-                op.network.clone(),
-                hex::encode(protected_passphrase(&op.passphrase)?.0),
-                op.now_ms.to_string(),
-                op.replay_ttl_ms.to_string(),
-                op.fresh_id.hyphenated().to_string(),
-                op.requested_id
-                    .map(|id| id.hyphenated().to_string())
-                    .unwrap_or_default(),
-                hex::encode(protected_key(&op.fresh_node_key)?),
-                match op.requested_id {
-                    Some(id) => hex::encode(protected_key(op.node_key_for(id)?)?),
-                    None => String::new(),
-                },
-                op.node_type.to_owned(),
-                op.arch.to_owned(),
-                owner.to_string(),
-                requested.to_owned(),
-            ];
-            // The node index of the fresh id goes in the same round trip: it is what
-            // almost every registration makes, and the other outcomes take it back.
-            let fresh_index = keys::node_owner(op.fresh_id);
-            let reply = self
-                .inner
-                .run_then(&self.scripts.register, &script_keys, &args, |pipe| {
-                    pipe.cmd("SET")
-                        .arg(&fresh_index)
-                        .arg(&*owner)
-                        .arg("NX")
-                        .ignore();
-                })
-                .await?;
-            let id = || {
-                reply
-                    .get(1)
-                    .and_then(|s| Uuid::try_parse(s).ok())
-                    .ok_or_else(|| unexpected("register", &reply))
-            };
-            let made_fresh = tag(&reply) == "created" && id().ok() == Some(op.fresh_id);
-            if !made_fresh {
-                self.inner
-                    .query::<()>(redis::pipe().del(&fresh_index).ignore())
-                    .await?;
-            }
-            let outcome = match tag(&reply) {
-                "no_network" if !fresh_lookup => {
-                    forget(&self.ijam.network_owners, &op.network);
-                    fresh_lookup = true;
-                    continue;
-                }
-                "no_network" | "invalid" => return Ok(RegisterOutcome::InvalidPassphrase),
-                "claim" => {
-                    let id = op
-                        .requested_id
-                        .ok_or_else(|| unexpected("register", &reply))?;
-                    claimed = Some(self.claim(keys::node_owner(id), &owner).await?);
-                    continue;
-                }
-                "created" => RegisterOutcome::Created { node_id: id()? },
-                "reregistered" => RegisterOutcome::Reregistered { node_id: id()? },
-                "replayed" => RegisterOutcome::Replayed { node_id: id()? },
-                _ => return Err(unexpected("register", &reply)),
-            };
-            // The node index leads state requests to the owner's slot: a fresh id's
-            // was set with the script; a requested id was found or claimed under this
-            // owner; after a replay it is set again, in case the first answer died
-            // before setting it.
-            let node_id = outcome_node(outcome);
-            if !made_fresh {
-                self.inner
-                    .query::<()>(
-                        redis::pipe()
-                            .cmd("SET")
-                            .arg(keys::node_owner(node_id))
-                            .arg(&*owner)
-                            .arg("NX")
-                            .ignore(),
-                    )
-                    .await?;
-            }
-            remember(&self.ijam.node_owners, node_id, owner);
-            return Ok(outcome);
-        }
-        Err(StoreError::Corrupt(format!(
-            "register in network {net:?}: the network and node indexes kept changing"
-        )))
+        self.inner
+            .settle(settle_within(op.replay_ttl_ms), || self.register_once(&op))
+            .await
     }
 
     async fn node(&self, id: Uuid) -> Result<Option<Node>, StoreError> {
@@ -570,6 +584,7 @@ impl IjamStore for RedisStore {
         target: NodeStatus,
         ip: &str,
         now_ms: i64,
+        frame: StateFrameDigest,
     ) -> Result<TransitionOutcome, StoreError> {
         let Some(owner) = self.node_owner(id, false).await? else {
             return Ok(TransitionOutcome::UnknownNode);
@@ -584,6 +599,7 @@ impl IjamStore for RedisStore {
             .to_owned(),
             ip.to_owned(),
             now_ms.to_string(),
+            hex::encode(frame.0),
         ];
         args.extend(
             target
@@ -591,9 +607,14 @@ impl IjamStore for RedisStore {
                 .iter()
                 .map(|s| s.as_str().to_owned()),
         );
+        let script_keys = [Owner(&owner).node(id)];
+        // A re-run after a lost outcome meets its own frame: 'repeated', nothing more.
         let reply = self
             .inner
-            .run(&self.scripts.transition, &[Owner(&owner).node(id)], &args)
+            .settle(SETTLE_WITHIN, || {
+                self.inner
+                    .run(&self.scripts.transition, &script_keys, &args)
+            })
             .await?;
         let outcome = transitioned("transition", &reply, id)?;
         if outcome == TransitionOutcome::UnknownNode {
@@ -725,7 +746,26 @@ pub(super) fn transitioned(
         "unknown" => Ok(TransitionOutcome::UnknownNode),
         "changed" => Ok(TransitionOutcome::Changed { from: from()? }),
         "not_allowed" => Ok(TransitionOutcome::NotAllowed { from: from()? }),
+        "repeated" => Ok(TransitionOutcome::Repeated { status: from()? }),
         _ => Err(unexpected(script, reply)),
+    }
+}
+
+/// How long a registration may re-run to learn whether it took effect: no longer
+/// than its replay record surely lives (a re-run within it answers `replayed` if the
+/// first try wrote), nor than [`SETTLE_WITHIN`].
+pub(super) fn settle_within(replay_ttl_ms: i64) -> Duration {
+    const MARGIN_MS: i64 = 100;
+    let ttl = Duration::from_millis((replay_ttl_ms - MARGIN_MS).max(0) as u64);
+    ttl.min(SETTLE_WITHIN)
+}
+
+/// A read or write after a script that may have written: failing, it leaves the
+/// request's outcome unknown, never a plain "unavailable".
+pub(super) fn unknown_after_write(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable { url, cause } => StoreError::OutcomeUnknown { url, cause },
+        other => other,
     }
 }
 

@@ -162,6 +162,12 @@ pub mod portal {
     /// SCAN pattern of every node key.
     pub const NODES: &str = "node:*";
 
+    /// Registrar's own addition: the last state frame that changed a node (the
+    /// portal never reads it).
+    pub fn last_state(node: Uuid) -> String {
+        format!("registrar:state:{}", node.hyphenated())
+    }
+
     /// Registrar's own addition: the answer to a registration, for its byte-identical
     /// retries (the portal never reads it).
     pub fn replay(network: &str, replay_key: &[u8; 32]) -> String {

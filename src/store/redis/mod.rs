@@ -30,6 +30,14 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a connection may take.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a request may spend finding out whether an operation it sent took effect
+/// (after a lost connection or a reply that never came), re-running it until Redis
+/// answers.
+pub const SETTLE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Pause between two re-runs while the outcome is unknown.
+const SETTLE_RETRY: Duration = Duration::from_millis(100);
+
 /// Error code a script raises (`redis.error_reply('RGCORRUPT …')`) for unreadable data.
 const CORRUPT_CODE: &str = "RGCORRUPT";
 
@@ -283,12 +291,15 @@ impl Inner {
     /// Turns a Redis error into a `StoreError`. A dead connection (a multiplexed
     /// connection never heals itself) is replaced at once if Redis answers; if not,
     /// a background task keeps trying, so the first request after Redis returns is
-    /// served. The failed call itself is not retried (a script may or may not have run).
-    /// Logs one line when the store goes away and one when it is back.
-    async fn fail(self: &Arc<Self>, err: RedisError, generation: u64) -> StoreError {
+    /// served. The failed call itself is not retried here: when it was `sent` and no
+    /// reply came (not an error reply: Redis refuses before running anything), it may
+    /// or may not have run, and the error says so ([`StoreError::OutcomeUnknown`]; see
+    /// [`Inner::settle`]). Logs one line when the store goes away and one when it is back.
+    async fn fail(self: &Arc<Self>, err: RedisError, generation: u64, sent: bool) -> StoreError {
         if err.code() == Some(CORRUPT_CODE) {
             return StoreError::Corrupt(err.detail().unwrap_or_default().to_owned());
         }
+        let unknown = sent && err.code().is_none();
         if err.is_unrecoverable_error() && !self.reconnect(generation).await {
             let start_healing = {
                 let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
@@ -312,7 +323,51 @@ impl Inner {
                 });
             }
         }
+        if unknown {
+            return StoreError::OutcomeUnknown {
+                url: self.url.clone(),
+                cause: err.to_string(),
+            };
+        }
         self.unavailable(err.to_string())
+    }
+
+    /// Runs `attempt` (an operation that gives the same answer when run again after it
+    /// took effect: a replay record, a compare, an attempt id) until its outcome is
+    /// known: an `OutcomeUnknown` is followed by re-runs, every [`SETTLE_RETRY`], until
+    /// one gets an answer or `within` has passed since the first try. A store that is
+    /// down meanwhile (`Unavailable`: nothing sent) is waited for, not answered, once an
+    /// earlier try may have run.
+    pub(super) async fn settle<T, F, Fut>(
+        &self,
+        within: Duration,
+        mut attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut unknown = None;
+        loop {
+            match attempt().await {
+                Err(e @ StoreError::OutcomeUnknown { .. }) => {
+                    tracing::debug!(store = %self.url, error = %e, "outcome unknown; running it again");
+                    unknown = Some(e);
+                }
+                Err(StoreError::Unavailable { .. }) if unknown.is_some() => {}
+                answered => {
+                    if unknown.is_some() {
+                        tracing::debug!(store = %self.url, "outcome settled by a re-run");
+                    }
+                    return answered;
+                }
+            }
+            if tokio::time::Instant::now() + SETTLE_RETRY >= deadline {
+                return Err(unknown.expect("set before any re-run"));
+            }
+            tokio::time::sleep(SETTLE_RETRY).await;
+        }
     }
 
     fn unavailable(&self, cause: String) -> StoreError {
@@ -340,7 +395,7 @@ impl Inner {
         match invocation.invoke_async::<Vec<String>>(&mut conn).await {
             Ok(reply) if !reply.is_empty() => Ok(reply),
             Ok(_) => Err(StoreError::Corrupt("empty script reply".into())),
-            Err(err) => Err(self.fail(err, generation).await),
+            Err(err) => Err(self.fail(err, generation, true).await),
         }
     }
 
@@ -371,14 +426,14 @@ impl Inner {
             // A restarted or flushed server forgot the script: load it, go again (the
             // commands after it are idempotent).
             if let Err(err) = invocation.load_async(&mut conn).await {
-                return Err(self.fail(err, generation).await);
+                return Err(self.fail(err, generation, false).await);
             }
             replied = pipe.query_async(&mut conn).await;
         }
         match replied {
             Ok((reply,)) if !reply.is_empty() => Ok(reply),
             Ok(_) => Err(StoreError::Corrupt("empty script reply".into())),
-            Err(err) => Err(self.fail(err, generation).await),
+            Err(err) => Err(self.fail(err, generation, true).await),
         }
     }
 
@@ -390,7 +445,7 @@ impl Inner {
         let (mut conn, generation) = self.conn()?;
         match pipe.query_async(&mut conn).await {
             Ok(v) => Ok(v),
-            Err(err) => Err(self.fail(err, generation).await),
+            Err(err) => Err(self.fail(err, generation, false).await),
         }
     }
 }

@@ -18,19 +18,24 @@ use std::collections::HashMap;
 use redis::Script;
 use uuid::Uuid;
 
-use super::ijam::{passphrase_revoked, passphrases_added, transitioned};
+use super::ijam::{passphrase_revoked, passphrases_added, settle_within, transitioned};
 use super::keys::portal as keys;
-use super::{RedisStore, field, tag, unexpected};
+use super::{RedisStore, SETTLE_WITHIN, field, tag, unexpected};
 use crate::core::ids::{DeviceId, NodeKey};
 use crate::store::ijam::{
     AtRest, IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, StoredNodeKey, StoredPassphrase, TransitionOutcome,
+    RegisterOutcome, SealedNodeKey, StateFrameDigest, StoredNodeKey, StoredPassphrase,
+    TransitionOutcome,
 };
 use crate::store::pubkey::{AttestOp, AttestOutcome, Device, DeviceRegisterOutcome, PubkeyStore};
 use crate::store::{StoreError, Stores};
 
 /// A node counts as expired this long after `lastRegisteredOn`, as the portal has it.
 pub const REGISTRATION_EXPIRY_MS: i64 = 90 * 24 * 60 * 60 * 1000;
+
+/// How long the last frame that changed a node is remembered (`registrar:state:<id>`):
+/// it bounds what Registrar adds to the portal's Redis for a node deleted there.
+const LAST_STATE_TTL_MS: i64 = 30 * 24 * 60 * 60 * 1000;
 
 /// How often a registration reads the requested node again when it moved meanwhile.
 const STALE_RETRIES: usize = 3;
@@ -185,6 +190,89 @@ impl PortalStore {
     }
 }
 
+impl PortalStore {
+    /// One try of a registration (see [`Inner::settle`]: the replay record answers a
+    /// re-run after a try whose outcome was lost).
+    async fn register_once(&self, op: &RegisterOp) -> Result<RegisterOutcome, StoreError> {
+        let net = op.network.as_str();
+        let passphrase = clear_passphrase(&op.passphrase)?;
+        // A key in clear is bound to no id: whichever id the script picks, one value.
+        let enc_key = clear_key(&op.fresh_node_key)?;
+        if let Some(requested) = &op.requested_node_key
+            && clear_key(requested)? != enc_key
+        {
+            return Err(StoreError::Corrupt(
+                "two different node keys in clear offered for one registration".into(),
+            ));
+        }
+        for _ in 0..STALE_RETRIES {
+            // The network the requested node is in now, for the set it leaves: a
+            // script may only touch the keys it declares.
+            let read_network = match op.requested_id {
+                Some(id) => {
+                    let (network,): (Option<String>,) = self
+                        .redis
+                        .inner
+                        .query(redis::pipe().hget(keys::node(id), "networkId"))
+                        .await?;
+                    network.unwrap_or_default()
+                }
+                None => String::new(),
+            };
+            let mut script_keys = vec![
+                keys::network(net),
+                keys::passphrases(net),
+                keys::passphrase_names(net),
+                keys::nodes(net),
+                keys::replay(net, &op.replay_key.0),
+                keys::node(op.fresh_id),
+            ];
+            if let Some(id) = op.requested_id {
+                script_keys.push(keys::node(id));
+                if !read_network.is_empty() && read_network != net {
+                    script_keys.push(keys::nodes(&read_network));
+                }
+            }
+            let args = [
+                op.network.clone(),
+                passphrase.to_owned(),
+                op.now_ms.to_string(),
+                op.replay_ttl_ms.to_string(),
+                op.fresh_id.hyphenated().to_string(),
+                op.requested_id
+                    .map(|id| id.hyphenated().to_string())
+                    .unwrap_or_default(),
+                enc_key.clone(),
+                op.node_type.to_owned(),
+                portal_arch(op.arch).to_owned(),
+                read_network,
+            ];
+            let reply = self
+                .redis
+                .inner
+                .run(&self.scripts.register, &script_keys, &args)
+                .await?;
+            let id = || {
+                reply
+                    .get(1)
+                    .and_then(|s| Uuid::try_parse(s).ok())
+                    .ok_or_else(|| unexpected("portal/register", &reply))
+            };
+            return match tag(&reply) {
+                "stale" => continue,
+                "invalid" => Ok(RegisterOutcome::InvalidPassphrase),
+                "created" => Ok(RegisterOutcome::Created { node_id: id()? }),
+                "reregistered" => Ok(RegisterOutcome::Reregistered { node_id: id()? }),
+                "replayed" => Ok(RegisterOutcome::Replayed { node_id: id()? }),
+                _ => Err(unexpected("portal/register", &reply)),
+            };
+        }
+        Err(StoreError::Corrupt(format!(
+            "register in network {net:?}: the requested node kept moving between networks"
+        )))
+    }
+}
+
 impl Stores for PortalStore {
     fn describe(&self) -> String {
         format!("ota+{}", self.redis.inner.url)
@@ -268,7 +356,7 @@ impl IjamStore for PortalStore {
             return Err(StoreError::UnknownNetwork(id.to_owned()));
         };
         // Nodes registering meanwhile change the members: read them again.
-        let deleted = loop {
+        let (deleted, members) = loop {
             let members = self.members(id).await?;
             let mut script_keys = vec![
                 keys::network(id),
@@ -287,20 +375,23 @@ impl IjamStore for PortalStore {
                 .await?;
             match (tag(&reply), reply.get(1)) {
                 ("ok", Some(count)) => {
-                    break count
+                    let count = count
                         .parse::<u64>()
                         .map_err(|_| unexpected("portal/delete_network", &reply))?;
+                    break (count, members);
                 }
                 ("changed", _) => continue,
                 ("unknown", _) => return Err(StoreError::UnknownNetwork(id.to_owned())),
                 _ => return Err(unexpected("portal/delete_network", &reply)),
             }
         };
-        let replays = self.redis.inner.scan(&keys::replays(id)).await?;
-        if !replays.is_empty() {
+        // Registrar's own keys of the network and of its members.
+        let mut own = self.redis.inner.scan(&keys::replays(id)).await?;
+        own.extend(members.iter().map(|m| keys::last_state(*m)));
+        if !own.is_empty() {
             self.redis
                 .inner
-                .query::<()>(redis::pipe().del(replays).ignore())
+                .query::<()>(redis::pipe().del(own).ignore())
                 .await?;
         }
         Ok(deleted)
@@ -380,82 +471,10 @@ impl IjamStore for PortalStore {
     }
 
     async fn register(&self, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
-        let net = op.network.as_str();
-        let passphrase = clear_passphrase(&op.passphrase)?;
-        // A key in clear is bound to no id: whichever id the script picks, one value.
-        let enc_key = clear_key(&op.fresh_node_key)?;
-        if let Some(requested) = &op.requested_node_key
-            && clear_key(requested)? != enc_key
-        {
-            return Err(StoreError::Corrupt(
-                "two different node keys in clear offered for one registration".into(),
-            ));
-        }
-        for _ in 0..STALE_RETRIES {
-            // The network the requested node is in now, for the set it leaves: a
-            // script may only touch the keys it declares.
-            let read_network = match op.requested_id {
-                Some(id) => {
-                    let (network,): (Option<String>,) = self
-                        .redis
-                        .inner
-                        .query(redis::pipe().hget(keys::node(id), "networkId"))
-                        .await?;
-                    network.unwrap_or_default()
-                }
-                None => String::new(),
-            };
-            let mut script_keys = vec![
-                keys::network(net),
-                keys::passphrases(net),
-                keys::passphrase_names(net),
-                keys::nodes(net),
-                keys::replay(net, &op.replay_key.0),
-                keys::node(op.fresh_id),
-            ];
-            if let Some(id) = op.requested_id {
-                script_keys.push(keys::node(id));
-                if !read_network.is_empty() && read_network != net {
-                    script_keys.push(keys::nodes(&read_network));
-                }
-            }
-            let args = [
-                op.network.clone(),
-                passphrase.to_owned(),
-                op.now_ms.to_string(),
-                op.replay_ttl_ms.to_string(),
-                op.fresh_id.hyphenated().to_string(),
-                op.requested_id
-                    .map(|id| id.hyphenated().to_string())
-                    .unwrap_or_default(),
-                enc_key.clone(),
-                op.node_type.to_owned(),
-                portal_arch(op.arch).to_owned(),
-                read_network,
-            ];
-            let reply = self
-                .redis
-                .inner
-                .run(&self.scripts.register, &script_keys, &args)
-                .await?;
-            let id = || {
-                reply
-                    .get(1)
-                    .and_then(|s| Uuid::try_parse(s).ok())
-                    .ok_or_else(|| unexpected("portal/register", &reply))
-            };
-            return match tag(&reply) {
-                "stale" => continue,
-                "invalid" => Ok(RegisterOutcome::InvalidPassphrase),
-                "created" => Ok(RegisterOutcome::Created { node_id: id()? }),
-                "reregistered" => Ok(RegisterOutcome::Reregistered { node_id: id()? }),
-                "replayed" => Ok(RegisterOutcome::Replayed { node_id: id()? }),
-                _ => Err(unexpected("portal/register", &reply)),
-            };
-        }
-        Err(StoreError::Corrupt(format!(
-            "register in network {net:?}: the requested node kept moving between networks"
-        )))
+        self.redis
+            .inner
+            .settle(settle_within(op.replay_ttl_ms), || self.register_once(&op))
+            .await
     }
 
     async fn node(&self, id: Uuid) -> Result<Option<Node>, StoreError> {
@@ -499,12 +518,15 @@ impl IjamStore for PortalStore {
         target: NodeStatus,
         ip: &str,
         now_ms: i64,
+        frame: StateFrameDigest,
     ) -> Result<TransitionOutcome, StoreError> {
         let mut args = vec![
             target.as_str().to_owned(),
             ip.to_owned(),
             now_ms.to_string(),
             (now_ms - REGISTRATION_EXPIRY_MS).to_string(),
+            hex::encode(frame.0),
+            LAST_STATE_TTL_MS.to_string(),
         ];
         args.extend(
             target
@@ -512,10 +534,16 @@ impl IjamStore for PortalStore {
                 .iter()
                 .map(|s| s.as_str().to_owned()),
         );
+        let script_keys = [keys::node(id), keys::last_state(id)];
+        // A re-run after a lost outcome meets its own frame: 'repeated', nothing more.
         let reply = self
             .redis
             .inner
-            .run(&self.scripts.transition, &[keys::node(id)], &args)
+            .settle(SETTLE_WITHIN, || {
+                self.redis
+                    .inner
+                    .run(&self.scripts.transition, &script_keys, &args)
+            })
             .await?;
         transitioned("portal/transition", &reply, id)
     }

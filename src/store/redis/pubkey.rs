@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::keys;
-use super::{RedisStore, field, int_field, tag, unexpected};
+use super::{RedisStore, SETTLE_WITHIN, field, int_field, tag, unexpected};
 use crate::core::ids::DeviceId;
 use crate::store::StoreError;
 use crate::store::pubkey::{
@@ -18,13 +18,16 @@ impl PubkeyStore for RedisStore {
         public_key: &[u8],
         now_ms: i64,
     ) -> Result<DeviceRegisterOutcome, StoreError> {
+        let script_keys = [keys::device(id)];
+        let args = [hex::encode(public_key), now_ms.to_string()];
+        // A re-run after a lost outcome answers `same_key` if the first try bound it
+        // (409, the device's "already registered": a success, never a hidden write).
         let reply = self
             .inner
-            .run(
-                &self.scripts.register_device,
-                &[keys::device(id)],
-                &[hex::encode(public_key), now_ms.to_string()],
-            )
+            .settle(SETTLE_WITHIN, || {
+                self.inner
+                    .run(&self.scripts.register_device, &script_keys, &args)
+            })
             .await?;
         match tag(&reply) {
             "created" => Ok(DeviceRegisterOutcome::Created),
@@ -79,16 +82,23 @@ impl PubkeyStore for RedisStore {
 
     async fn attest_device(&self, op: AttestOp) -> Result<AttestOutcome, StoreError> {
         let ttl_ms = (op.nonce_expires_ms - op.now_ms).max(1);
+        let script_keys = [
+            keys::device(op.device),
+            keys::used_nonce(op.device, &op.nonce),
+        ];
+        let args = [
+            op.now_ms.to_string(),
+            ttl_ms.to_string(),
+            hex::encode(op.attempt),
+        ];
+        // The used nonce outlives any re-run: a lost outcome is settled by running
+        // the same attempt again.
         let reply = self
             .inner
-            .run(
-                &self.scripts.attest_device,
-                &[
-                    keys::device(op.device),
-                    keys::used_nonce(op.device, &op.nonce),
-                ],
-                &[op.now_ms.to_string(), ttl_ms.to_string()],
-            )
+            .settle(SETTLE_WITHIN, || {
+                self.inner
+                    .run(&self.scripts.attest_device, &script_keys, &args)
+            })
             .await?;
         match tag(&reply) {
             "attested" => Ok(AttestOutcome::Attested),

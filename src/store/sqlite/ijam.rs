@@ -10,8 +10,8 @@ use super::{Cached, OrUnavailable, SqliteStore};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, TransitionOutcome, protected_key, protected_passphrase,
-    sealed_key,
+    RegisterOutcome, SealedNodeKey, StateFrameDigest, TransitionOutcome, protected_key,
+    protected_passphrase, sealed_key,
 };
 
 fn read_network(conn: &Connection, id: &str) -> Result<Option<Network>, StoreError> {
@@ -431,25 +431,45 @@ impl IjamStore for SqliteStore {
         target: NodeStatus,
         ip: &str,
         now_ms: i64,
+        frame: StateFrameDigest,
     ) -> Result<TransitionOutcome, StoreError> {
         let ip = ip.to_owned();
         self.call(move |conn| {
             let Some(node) = read_node(conn, id)? else {
                 return Ok(TransitionOutcome::UnknownNode);
             };
+            let last: Option<Vec<u8>> = conn
+                .row(
+                    "SELECT last_state FROM ijam_nodes WHERE id = ?1",
+                    [id.to_string()],
+                    |row| row.get(0),
+                )
+                .db()?;
+            if last.as_deref() == Some(frame.0.as_slice()) {
+                return Ok(TransitionOutcome::Repeated {
+                    status: node.status,
+                });
+            }
             let from = node.status;
             if !target.allowed_origins().contains(&from) {
                 return Ok(TransitionOutcome::NotAllowed { from });
             }
             if target == NodeStatus::Online {
                 conn.exec(
-                    "UPDATE ijam_nodes SET status = ?2, ip = ?3, online_ms = ?4 WHERE id = ?1",
-                    params![id.to_string(), target.as_str(), ip, now_ms],
+                    "UPDATE ijam_nodes SET status = ?2, ip = ?3, online_ms = ?4, last_state = ?5 \
+                     WHERE id = ?1",
+                    params![
+                        id.to_string(),
+                        target.as_str(),
+                        ip,
+                        now_ms,
+                        frame.0.as_slice()
+                    ],
                 )
             } else {
                 conn.exec(
-                    "UPDATE ijam_nodes SET status = ?2 WHERE id = ?1",
-                    params![id.to_string(), target.as_str()],
+                    "UPDATE ijam_nodes SET status = ?2, last_state = ?3 WHERE id = ?1",
+                    params![id.to_string(), target.as_str(), frame.0.as_slice()],
                 )
             }
             .db()?;

@@ -28,6 +28,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tables named by the flow that owns them",
         sql: V2,
     },
+    Migration {
+        name: "what lets a request run again tell its own effect: the last state frame \
+               that changed each node, the attempt that used each nonce",
+        sql: OWN_EFFECTS,
+    },
 ];
 
 /// The schema of release 0.1.0, as it made it.
@@ -98,6 +103,14 @@ ALTER TABLE nodes RENAME TO ijam_nodes;
 ALTER TABLE replay RENAME TO ijam_replay;
 ALTER TABLE devices RENAME TO pubkey_devices;
 ALTER TABLE used_nonces RENAME TO pubkey_used_nonces;
+";
+
+/// A node remembers the digest of the last state frame that changed it: the same frame
+/// again (a replay, or a retry) changes nothing. A used nonce remembers the attempt
+/// that used it: that attempt run again is told it attested.
+const OWN_EFFECTS: &str = "
+ALTER TABLE ijam_nodes ADD COLUMN last_state BLOB;
+ALTER TABLE pubkey_used_nonces ADD COLUMN attempt BLOB;
 ";
 
 /// The version of the store on `conn`.
@@ -195,7 +208,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(version(&conn).unwrap(), 1);
-        assert_eq!(migrate(&mut conn, "mem").unwrap(), [MIGRATIONS[1].name]);
+        let applied: Vec<&str> = MIGRATIONS[1..].iter().map(|m| m.name).collect();
+        assert_eq!(migrate(&mut conn, "mem").unwrap(), applied);
         let owner: String = conn
             .query_row(
                 "SELECT owner FROM ijam_networks WHERE id = 'lab'",

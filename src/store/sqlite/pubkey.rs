@@ -102,15 +102,28 @@ fn attest_device(conn: &Connection, op: AttestOp) -> Result<AttestOutcome, Store
     }
     let fresh = conn
         .exec(
-            "INSERT OR IGNORE INTO pubkey_used_nonces (device, nonce, expires_ms) VALUES (?1, ?2, ?3)",
+            "INSERT OR IGNORE INTO pubkey_used_nonces (device, nonce, expires_ms, attempt) \
+             VALUES (?1, ?2, ?3, ?4)",
             params![
                 op.device.0.as_slice(),
                 op.nonce.as_slice(),
-                op.nonce_expires_ms
+                op.nonce_expires_ms,
+                op.attempt.as_slice()
             ],
         )
         .db()?;
     if fresh == 0 {
+        let used_by: Option<Vec<u8>> = conn
+            .row(
+                "SELECT attempt FROM pubkey_used_nonces WHERE device = ?1 AND nonce = ?2",
+                params![op.device.0.as_slice(), op.nonce.as_slice()],
+                |row| row.get(0),
+            )
+            .db()?;
+        // This very attempt, run again: it attested; nothing more to count.
+        if used_by.as_deref() == Some(op.attempt.as_slice()) {
+            return Ok(AttestOutcome::Attested);
+        }
         return Ok(AttestOutcome::NonceUsed);
     }
     conn.exec(

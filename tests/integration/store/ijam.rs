@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use registrar::store::StoreError;
 use registrar::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PassphraseHash, PendingPassphrase,
-    RegisterOp, RegisterOutcome, ReplayKey, SealedNodeKey, StoredNodeKey, StoredPassphrase,
-    TransitionOutcome,
+    RegisterOp, RegisterOutcome, ReplayKey, SealedNodeKey, StateFrameDigest, StoredNodeKey,
+    StoredPassphrase, TransitionOutcome,
 };
 use uuid::Uuid;
 
@@ -32,6 +32,7 @@ crate::store::battery!(crate::store::ijam;
         register_replay,
         replay_expires,
         transition_table,
+        a_repeated_state_frame_changes_nothing,
         transition_unknown_node,
         revoke_node,
         nodes_sorted,
@@ -87,6 +88,13 @@ fn legacy_sealed(label: &str) -> SealedNodeKey {
 
 fn stored(label: &str) -> StoredPassphrase {
     StoredPassphrase::Hash(hash(label))
+}
+
+/// A state frame's digest never used before (each transition sends a new frame).
+fn fresh_frame() -> StateFrameDigest {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    StateFrameDigest(bytes(&format!("frame:{n}")))
 }
 
 fn id(n: u128) -> Uuid {
@@ -555,9 +563,15 @@ pub async fn register_reregisters_same_owner<S: IjamStore>(s: &S) {
     network_with(s, "two", "alice", &[("c", "third")]).await;
     let node_id = new_node(s, "one", "n", id(1)).await;
     assert_eq!(
-        s.transition(node_id, NodeStatus::Online, "192.0.2.7", NOW + 10)
-            .await
-            .unwrap(),
+        s.transition(
+            node_id,
+            NodeStatus::Online,
+            "192.0.2.7",
+            NOW + 10,
+            fresh_frame()
+        )
+        .await
+        .unwrap(),
         TransitionOutcome::Changed {
             from: NodeStatus::Offline
         }
@@ -779,6 +793,71 @@ pub async fn replay_expires<S: IjamStore>(s: &S) {
     assert_eq!(snapshot(s, "net").await, before);
 }
 
+/// The frame that last changed a node, sent again (a replay from elsewhere, or a
+/// retry), is answered as repeated and changes nothing, not even the address; any
+/// other frame is judged as usual, an older one included.
+pub async fn a_repeated_state_frame_changes_nothing<S: IjamStore>(s: &S) {
+    network_with(s, "net", "alice", &[]).await;
+    let node_id = new_node(s, "net", "n1", id(1)).await;
+    let (online, offline) = (fresh_frame(), fresh_frame());
+    assert_eq!(
+        s.transition(node_id, NodeStatus::Online, "192.0.2.1", NOW + 1, online)
+            .await
+            .unwrap(),
+        TransitionOutcome::Changed {
+            from: NodeStatus::Offline
+        }
+    );
+    let before = s.node(node_id).await.unwrap();
+    assert_eq!(
+        s.transition(node_id, NodeStatus::Online, "203.0.113.66", NOW + 2, online)
+            .await
+            .unwrap(),
+        TransitionOutcome::Repeated {
+            status: NodeStatus::Online
+        }
+    );
+    assert_eq!(s.node(node_id).await.unwrap(), before, "nothing changed");
+    // A frame that is not the last one is judged as any other.
+    assert_eq!(
+        s.transition(node_id, NodeStatus::Offline, "", NOW + 3, offline)
+            .await
+            .unwrap(),
+        TransitionOutcome::Changed {
+            from: NodeStatus::Online
+        }
+    );
+    assert_eq!(
+        s.transition(node_id, NodeStatus::Online, "203.0.113.66", NOW + 4, online)
+            .await
+            .unwrap(),
+        TransitionOutcome::Changed {
+            from: NodeStatus::Offline
+        }
+    );
+    // A refused frame is not remembered.
+    let loading = fresh_frame();
+    s.transition(node_id, NodeStatus::Offline, "", NOW + 5, fresh_frame())
+        .await
+        .unwrap();
+    assert_eq!(
+        s.transition(node_id, NodeStatus::Loading, "", NOW + 6, loading)
+            .await
+            .unwrap(),
+        TransitionOutcome::NotAllowed {
+            from: NodeStatus::Offline
+        }
+    );
+    assert_eq!(
+        s.transition(node_id, NodeStatus::Loading, "", NOW + 7, loading)
+            .await
+            .unwrap(),
+        TransitionOutcome::NotAllowed {
+            from: NodeStatus::Offline
+        }
+    );
+}
+
 pub async fn transition_table<S: IjamStore>(s: &S) {
     use NodeStatus::{Created, Expired, Loading, Offline, Online, Revoked};
     let all = [Offline, Online, Loading, Revoked];
@@ -803,15 +882,17 @@ pub async fn transition_table<S: IjamStore>(s: &S) {
             match from {
                 Offline => {}
                 Online => {
-                    s.transition(node_id, Online, "198.51.100.1", NOW + 1)
+                    s.transition(node_id, Online, "198.51.100.1", NOW + 1, fresh_frame())
                         .await
                         .unwrap();
                 }
                 Loading => {
-                    s.transition(node_id, Online, "198.51.100.1", NOW + 1)
+                    s.transition(node_id, Online, "198.51.100.1", NOW + 1, fresh_frame())
                         .await
                         .unwrap();
-                    s.transition(node_id, Loading, "", NOW + 2).await.unwrap();
+                    s.transition(node_id, Loading, "", NOW + 2, fresh_frame())
+                        .await
+                        .unwrap();
                 }
                 Revoked => s.revoke_node(node_id).await.unwrap(),
                 Expired | Created => unreachable!("not in the table"),
@@ -820,7 +901,7 @@ pub async fn transition_table<S: IjamStore>(s: &S) {
             assert_eq!(before.status, from);
 
             let outcome = s
-                .transition(node_id, to, "203.0.113.9", NOW + 50)
+                .transition(node_id, to, "203.0.113.9", NOW + 50, fresh_frame())
                 .await
                 .unwrap();
             let after = s.node(node_id).await.unwrap().unwrap();
@@ -864,7 +945,7 @@ pub async fn transition_unknown_node<S: IjamStore>(s: &S) {
         NodeStatus::Revoked,
     ] {
         assert_eq!(
-            s.transition(id(404), target, "203.0.113.9", NOW)
+            s.transition(id(404), target, "203.0.113.9", NOW, fresh_frame())
                 .await
                 .unwrap(),
             TransitionOutcome::UnknownNode
@@ -880,9 +961,15 @@ pub async fn transition_unknown_node<S: IjamStore>(s: &S) {
 pub async fn revoke_node<S: IjamStore>(s: &S) {
     network_with(s, "net", "alice", &[]).await;
     let node_id = new_node(s, "net", "n", id(1)).await;
-    s.transition(node_id, NodeStatus::Online, "192.0.2.1", NOW + 1)
-        .await
-        .unwrap();
+    s.transition(
+        node_id,
+        NodeStatus::Online,
+        "192.0.2.1",
+        NOW + 1,
+        fresh_frame(),
+    )
+    .await
+    .unwrap();
     let before = s.node(node_id).await.unwrap().unwrap();
     assert!(matches!(&before.key, StoredNodeKey::Sealed(k) if !k.0.is_empty()));
 
@@ -897,9 +984,15 @@ pub async fn revoke_node<S: IjamStore>(s: &S) {
         }
     );
     assert_eq!(
-        s.transition(node_id, NodeStatus::Online, "192.0.2.2", NOW + 2)
-            .await
-            .unwrap(),
+        s.transition(
+            node_id,
+            NodeStatus::Online,
+            "192.0.2.2",
+            NOW + 2,
+            fresh_frame()
+        )
+        .await
+        .unwrap(),
         TransitionOutcome::NotAllowed {
             from: NodeStatus::Revoked
         }
@@ -1043,7 +1136,7 @@ pub async fn import_node_writes_a_node_as_it_stands<S: IjamStore>(s: &S) {
     ));
     // It changes state like any other node.
     assert!(matches!(
-        s.transition(id(7), NodeStatus::Offline, "", NOW)
+        s.transition(id(7), NodeStatus::Offline, "", NOW, fresh_frame())
             .await
             .unwrap(),
         TransitionOutcome::Changed { .. }

@@ -98,7 +98,7 @@ pub mod backends {
 mod redis {
     use registrar::store::StoreError;
     use registrar::store::Stores;
-    use registrar::store::ijam::{IjamStore, NodeStatus, TransitionOutcome};
+    use registrar::store::ijam::{IjamStore, NodeStatus, StateFrameDigest, TransitionOutcome};
     use registrar::store::redis::RedisStore;
 
     use crate::support::redis_server::PrivateRedis;
@@ -165,7 +165,7 @@ mod redis {
         let id = uuid::Uuid::from_u128(7);
         assert_eq!(
             store
-                .transition(id, NodeStatus::Online, "", 3)
+                .transition(id, NodeStatus::Online, "", 3, StateFrameDigest([3; 32]))
                 .await
                 .unwrap(),
             TransitionOutcome::UnknownNode

@@ -15,6 +15,7 @@ crate::store::battery!(crate::store::pubkey;
         device_attest_once,
         device_revoke,
         device_used_nonce_expires,
+        a_rerun_of_one_attempt_is_told_it_attested,
         devices_sorted;
     shared: concurrent_attestations,
 );
@@ -48,12 +49,20 @@ fn nonce(n: u8) -> [u8; 32] {
     [n; 32]
 }
 
+/// Each call is a request of its own: an attempt id never used before.
+fn next_attempt() -> [u8; 16] {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    u128::from(n).to_be_bytes()
+}
+
 fn attest(device: DeviceId, n: u8, now_ms: i64) -> AttestOp {
     AttestOp {
         device,
         nonce: nonce(n),
         now_ms,
         nonce_expires_ms: now_ms + TTL,
+        attempt: next_attempt(),
     }
 }
 
@@ -158,6 +167,22 @@ pub async fn device_revoke<S: PubkeyStore>(s: &S) {
     assert_eq!(s.device(dev(7)).await.unwrap(), None);
 }
 
+/// The same attempt run again (its reply lost with the connection) is told it
+/// attested, and nothing more is counted; another attempt with the nonce is told it
+/// is used.
+pub async fn a_rerun_of_one_attempt_is_told_it_attested<S: PubkeyStore>(s: &S) {
+    s.register_device(dev(1), &key("a"), NOW).await.unwrap();
+    let op = attest(dev(1), 1, NOW);
+    assert_eq!(s.attest_device(op).await.unwrap(), AttestOutcome::Attested);
+    let after_first = s.device(dev(1)).await.unwrap();
+    assert_eq!(s.attest_device(op).await.unwrap(), AttestOutcome::Attested);
+    assert_eq!(s.device(dev(1)).await.unwrap(), after_first, "counted once");
+    assert_eq!(
+        s.attest_device(attest(dev(1), 1, NOW)).await.unwrap(),
+        AttestOutcome::NonceUsed
+    );
+}
+
 /// A used nonce is remembered until `nonce_expires_ms`, then forgotten (memory
 /// stays bounded; the flow refuses an expired nonce long before). SQLite reads the
 /// expiry against `now_ms`; Redis holds it as a real key TTL, so the test polls.
@@ -166,16 +191,15 @@ pub async fn device_used_nonce_expires<S: PubkeyStore>(s: &S) {
     let mut op = attest(dev(1), 1, NOW);
     op.nonce_expires_ms = NOW + 50;
     assert_eq!(s.attest_device(op).await.unwrap(), AttestOutcome::Attested);
-    let mut again = op;
-    again.now_ms = NOW + 49;
+    // Another request with the nonce (a replay): its own attempt.
+    let mut again = attest(dev(1), 1, NOW + 49);
     again.nonce_expires_ms = NOW + 10_000;
     assert_eq!(
         s.attest_device(again).await.unwrap(),
         AttestOutcome::NonceUsed
     );
 
-    let mut later = op;
-    later.now_ms = NOW + 1000;
+    let mut later = attest(dev(1), 1, NOW + 1000);
     later.nonce_expires_ms = NOW + 2000;
     let deadline = Instant::now() + Duration::from_secs(5);
     let outcome = loop {

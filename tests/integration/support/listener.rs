@@ -281,6 +281,24 @@ impl Listener {
         wait_for(&self.stderr, "logged", needle, count);
     }
 
+    /// Blocks until any of `needles` was logged; returns which (bounded like
+    /// [`Listener::wait_for_log_count`]).
+    pub fn wait_for_log_any(&self, needles: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let (text, grew) = &*self.stderr;
+        let mut text = text.lock().unwrap();
+        loop {
+            let log = String::from_utf8_lossy(&text);
+            if let Some(found) = needles.iter().find(|n| log.contains(**n)) {
+                return (*found).to_owned();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "none of {needles:?} was logged:\n{log}");
+            drop(log);
+            text = grew.wait_timeout(text, left).unwrap().0;
+        }
+    }
+
     /// Blocks until the listener printed a line holding `needle` on stdout; returns
     /// everything it printed so far.
     pub fn wait_for_stdout(&self, needle: &str) -> String {
