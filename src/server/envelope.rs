@@ -210,9 +210,9 @@ impl<S: Stores> EnvelopeServer<S> {
                 }
                 Wake::End => return,
             }
-            let ended = self
-                .burst(&mut stream, peer, &connection, &mut deadline)
-                .await;
+            // Boxed: a burst (buffers, tasks, the writer) is a large future, and an
+            // idle connection should not carry its room.
+            let ended = Box::pin(self.burst(&mut stream, peer, &connection, &mut deadline)).await;
             connection.release();
             match ended {
                 Burst::Drained => connection.idle(Instant::now()),
@@ -511,7 +511,8 @@ impl<S: Stores> EnvelopeServer<S> {
 /// Reads and discards what the peer still sends, until its EOF, [`LINGER`] or
 /// [`LINGER_MAX_BYTES`], whichever comes first (our FIN is already out).
 async fn linger(mut stream: TcpStream) {
-    let mut buf = [0u8; 4096];
+    // On the heap: a buffer here would be room every connection's future carries.
+    let mut buf = vec![0u8; 4096];
     let mut total = 0;
     let _ = tokio::time::timeout(LINGER, async {
         while total < LINGER_MAX_BYTES {

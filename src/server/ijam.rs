@@ -370,7 +370,9 @@ impl<S: IjamStore> IjamServer<S> {
             }
             debug!(%peer, port, "request received");
             connection.busy();
-            let answer = handle(Arc::clone(&self), Bytes::from(frame)).await;
+            // Boxed: the request's work is a large future, and an idle connection (most
+            // of them, most of the time) should not carry its room.
+            let answer = Box::pin(handle(Arc::clone(&self), Bytes::from(frame))).await;
             connection.release();
             let Some(answer) = answer else {
                 // Over TCP only a request whose outcome is unknown goes unanswered:

@@ -3,6 +3,7 @@
 //! state; scripts read the outcome from the exit code.
 
 mod exit;
+mod hostile;
 mod ijam;
 mod load;
 mod load_pubkey;
@@ -55,6 +56,11 @@ enum Command {
     /// Load generators for benchmarks: many concurrent clients, a summary at the end.
     #[command(subcommand)]
     Load(LoadCommand),
+    /// Hostile traffic for measurements (tools/perf/hostile.sh): held connections and
+    /// datagram floods from loopback source addresses, and what the listener did with
+    /// them. Loopback only.
+    #[command(subcommand)]
+    Hostile(hostile::HostileCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -220,6 +226,10 @@ fn main() -> ExitCode {
         }),
         Command::Load(LoadCommand::Pubkey(args)) => load_pubkey::run(args).map(|json| Output {
             text: Some(load_pubkey::summary(&json)),
+            json,
+        }),
+        Command::Hostile(command) => hostile::run(command.clone()).map(|json| Output {
+            text: Some(hostile::summary(&json)),
             json,
         }),
     };
