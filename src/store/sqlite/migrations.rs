@@ -28,6 +28,10 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tables named by the flow that owns them",
         sql: V2,
     },
+    Migration {
+        name: "ijam: a re-registration rule per network, passphrases minted for a node",
+        sql: V3,
+    },
 ];
 
 /// The schema of release 0.1.0, as it made it.
@@ -98,6 +102,16 @@ ALTER TABLE nodes RENAME TO ijam_nodes;
 ALTER TABLE replay RENAME TO ijam_replay;
 ALTER TABLE devices RENAME TO pubkey_devices;
 ALTER TABLE used_nonces RENAME TO pubkey_used_nonces;
+";
+
+/// A network's re-registration rule (`owner`, the original's, for every network made
+/// before), and the node a pending passphrase was minted for (NULL: any use). The
+/// node is not a foreign key: a passphrase outlives nothing it names (deleting a
+/// network deletes both), and a node revoked meanwhile simply refuses it.
+const V3: &str = "
+ALTER TABLE ijam_networks ADD COLUMN reregistration TEXT NOT NULL DEFAULT 'owner'
+    CHECK (reregistration IN ('owner', 'minted'));
+ALTER TABLE ijam_passphrases ADD COLUMN for_node TEXT;
 ";
 
 /// The version of the store on `conn`.
@@ -195,7 +209,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(version(&conn).unwrap(), 1);
-        assert_eq!(migrate(&mut conn, "mem").unwrap(), [MIGRATIONS[1].name]);
+        assert_eq!(
+            migrate(&mut conn, "mem").unwrap(),
+            MIGRATIONS[1..].iter().map(|m| m.name).collect::<Vec<_>>()
+        );
         let owner: String = conn
             .query_row(
                 "SELECT owner FROM ijam_networks WHERE id = 'lab'",
@@ -204,6 +221,33 @@ mod tests {
             )
             .unwrap();
         assert_eq!(owner, "alice");
+    }
+
+    #[test]
+    fn version_3_reads_every_earlier_network_as_owner_and_every_passphrase_as_unminted() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO networks (id, owner, name, created_ms) VALUES ('lab', 'alice', 'lab', 7);
+             INSERT INTO passphrases (network, hash, node_name, created_ms)
+                 VALUES ('lab', x'00', 'n1', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn, "mem").unwrap();
+        let (rule, for_node): (String, Option<String>) = conn
+            .query_row(
+                "SELECT n.reregistration, p.for_node FROM ijam_networks n
+                 JOIN ijam_passphrases p ON p.network = n.id",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((rule.as_str(), for_node), ("owner", None));
+        let refused = conn.execute(
+            "UPDATE ijam_networks SET reregistration = 'anyone' WHERE id = 'lab'",
+            [],
+        );
+        assert!(refused.is_err(), "only the two rules are stored");
     }
 
     #[test]
