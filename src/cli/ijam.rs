@@ -7,7 +7,7 @@ use clap::Subcommand;
 use registrar::core::clock::now_ms;
 use registrar::core::crypto::passphrase;
 use registrar::core::datadir::DataDir;
-use registrar::store::ijam::{IjamStore, NewPassphrase, Node};
+use registrar::store::ijam::{IjamStore, NewPassphrase, Node, Reregistration};
 use registrar::wire::ijam::{NetworkId, Passphrase};
 use serde_json::json;
 use uuid::Uuid;
@@ -142,7 +142,7 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
             }
             let name = name.unwrap_or_else(|| id.to_string());
             let net = store
-                .create_network(id.as_str(), &owner, &name, now_ms())
+                .create_network(id.as_str(), &owner, &name, Reregistration::Owner, now_ms())
                 .await?;
             if common.json {
                 println!("{}", serde_json::to_string(&net)?);
@@ -275,6 +275,7 @@ async fn passphrase_on<S: IjamStore>(
                     passphrase: storage.store_passphrase(store.at_rest(), id.as_str(), p.expose()),
                     node_name: name.clone(),
                     expires_ms,
+                    for_node: None,
                 })
                 .collect();
             store.add_passphrases(id.as_str(), batch, now).await?;

@@ -484,7 +484,8 @@ fn admin_commands_read_and_write_the_portal_layout() {
     assert_eq!(
         networks,
         serde_json::json!([{"id": "lab", "owner": "alice", "name": "Lab bench",
-            "created_ms": 1_700_000_000_000i64, "pending_passphrases": 1, "nodes": 1}])
+            "created_ms": 1_700_000_000_000i64, "reregistration": "owner",
+            "pending_passphrases": 1, "nodes": 1}])
     );
     let pending = l.admin_ok(&["passphrase", "list", "lab"]);
     assert!(pending.contains("bench-1"), "{pending}");
