@@ -32,7 +32,7 @@ use registrar::core::crypto::{
 use registrar::flow::ijam::{
     DEFAULT_REPLAY_TTL_MS, IjamError, IjamFlow, RegisterRandomness, Registered,
 };
-use registrar::store::ijam::{IjamStore, NewPassphrase, StoredPassphrase};
+use registrar::store::ijam::{IjamStore, NewPassphrase, Reregistration, StoredPassphrase};
 use registrar::store::redis::RedisStore;
 use registrar::store::sqlite::SqliteStore;
 use registrar::wire::ijam::{
@@ -171,10 +171,13 @@ impl<S: IjamStore> Bench<S> {
             Arc::new(store),
             DEFAULT_REPLAY_TTL_MS,
         );
-        rt.block_on(
-            flow.store()
-                .create_network(NETWORK, "bench", "bench", now_ms()),
-        )
+        rt.block_on(flow.store().create_network(
+            NETWORK,
+            "bench",
+            "bench",
+            Reregistration::default(),
+            now_ms(),
+        ))
         .expect("create network");
         Bench {
             flow,
@@ -201,6 +204,7 @@ impl<S: IjamStore> Bench<S> {
                 ),
                 node_name: format!("bench-{serial}"),
                 expires_ms: None,
+                for_node: None,
             });
             let request = RegisterRequest {
                 node_id: None,

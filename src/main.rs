@@ -42,7 +42,7 @@ enum Command {
     /// embedded store; what already exists is kept. The admin commands never make a
     /// store: run them where `init` or `serve` made one.
     Init(InitArgs),
-    /// Create, list and inspect networks.
+    /// Create, list, inspect and set networks (their re-registration rule).
     #[command(subcommand)]
     Network(cli::ijam::NetworkCommand),
     /// Mint, list and revoke one-time network passphrases.

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use registrar::core::clock::now_ms;
 use registrar::core::crypto::passphrase;
 use registrar::core::datadir::DataDir;
-use registrar::store::ijam::{IjamStore, NewPassphrase, Node};
+use registrar::store::ijam::{IjamStore, Network, NewPassphrase, Node, Reregistration};
 use registrar::wire::ijam::{NetworkId, Passphrase};
 use serde_json::json;
 use uuid::Uuid;
@@ -27,8 +27,30 @@ pub enum NetworkCommand {
         /// A human-readable name (defaults to the id).
         #[arg(long)]
         name: Option<String>,
+        #[arg(
+            long,
+            value_name = "RULE",
+            default_value = "owner",
+            value_parser = reregistration_rule(),
+            help = RULE_SHORT_HELP,
+            long_help = RULE_HELP
+        )]
+        reregistration: Reregistration,
     },
-    /// List networks with their pending passphrases and node counts.
+    /// Change a network's re-registration rule; it applies from the next registration.
+    Set {
+        network: String,
+        #[arg(
+            long,
+            value_name = "RULE",
+            value_parser = reregistration_rule(),
+            help = RULE_SHORT_HELP,
+            long_help = RULE_HELP
+        )]
+        reregistration: Reregistration,
+    },
+    /// List networks with their re-registration rule, pending passphrases and node
+    /// counts.
     List,
     /// Show one network.
     Show { network: String },
@@ -41,13 +63,32 @@ pub enum NetworkCommand {
     },
 }
 
+/// `--reregistration` of `network create` and `network set`: `-h`, then `--help`.
+const RULE_SHORT_HELP: &str = "Who may re-register an existing node through this network: \
+    owner (any passphrase of the network) or minted (only a passphrase minted for that node \
+    with `passphrase add --for-node`)";
+const RULE_HELP: &str = "Who may re-register an existing node (a registration naming its id) \
+    through this network. `owner`, the original JAMScript-OTA rule: any passphrase of the \
+    network re-registers any node of the network's owner, so whoever holds an unused one \
+    can take over the owner's nodes (their ids travel in clear). `minted`: only a \
+    passphrase minted for that node (`passphrase add --for-node ID`); any other gets the \
+    401 and stays unused. New nodes register alike under both";
+
+fn reregistration_rule() -> impl clap::builder::TypedValueParser<Value = Reregistration> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["owner", "minted"])
+        .map(|rule| Reregistration::parse(&rule).expect("one of the possible values"))
+}
+
 #[derive(Subcommand, Debug)]
 pub enum PassphraseCommand {
     /// Mint one-time passphrases and print them on stdout, one per line.
     ///
     /// Generated passphrases are 15 letters and digits (as many as the C client
     /// `ijamreg` reads), the last two a check value that catches any single mistyped
-    /// character. A typed one (--passphrase) may be 8–16 letters or digits.
+    /// character. A typed one (--passphrase) may be 8–16 letters or digits. With
+    /// --for-node the passphrase re-registers that node and nothing else: what a
+    /// network whose rule is `minted` needs to re-register a node.
     Add {
         network: String,
         /// Name of the node that will register with it (with --count: NAME-1 … NAME-N).
@@ -66,8 +107,15 @@ pub enum PassphraseCommand {
         /// Mint N passphrases at once, for nodes NAME-1 … NAME-N.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100_000))]
         count: Option<u32>,
+        /// Mint it for node ID of this network: it is valid only in a registration
+        /// naming ID while ID is in the network and not revoked, and then re-registers
+        /// ID (new key, status offline) whatever the network's rule. Refused when ID is
+        /// not a node of the network.
+        #[arg(long, value_name = "ID", conflicts_with = "count")]
+        for_node: Option<Uuid>,
     },
-    /// List pending passphrases: node names and expiry, never the secrets.
+    /// List pending passphrases: node names, the node each was minted for, expiry;
+    /// never the secrets.
     List { network: String },
     /// Revoke the pending passphrase of a node.
     Revoke {
@@ -135,6 +183,7 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
             network,
             owner,
             name,
+            reregistration,
         } => {
             let id = network_id(&network)?;
             if owner.trim().is_empty() {
@@ -142,14 +191,33 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
             }
             let name = name.unwrap_or_else(|| id.to_string());
             let net = store
-                .create_network(id.as_str(), &owner, &name, now_ms())
+                .create_network(id.as_str(), &owner, &name, reregistration, now_ms())
                 .await?;
             if common.json {
                 println!("{}", serde_json::to_string(&net)?);
             } else {
                 println!(
-                    "created network {} (owner {}, name {:?})",
-                    net.id, net.owner, net.name
+                    "created network {} (owner {}, name {:?}, re-registration {})",
+                    net.id,
+                    net.owner,
+                    net.name,
+                    net.reregistration.as_str()
+                );
+            }
+        }
+        NetworkCommand::Set {
+            network,
+            reregistration,
+        } => {
+            let net = store.set_reregistration(&network, reregistration).await?;
+            if common.json {
+                println!("{}", serde_json::to_string(&net)?);
+            } else {
+                println!(
+                    "network {}: re-registration {}{}",
+                    net.id,
+                    net.reregistration.as_str(),
+                    rule_meaning(&net)
                 );
             }
         }
@@ -165,6 +233,7 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
                             n.id.clone(),
                             n.owner.clone(),
                             n.name.clone(),
+                            n.reregistration.as_str().to_owned(),
                             n.pending_passphrases.to_string(),
                             n.nodes.to_string(),
                             time(n.created_ms),
@@ -172,7 +241,15 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
                     })
                     .collect();
                 print_table(
-                    &["NETWORK", "OWNER", "NAME", "PENDING", "NODES", "CREATED"],
+                    &[
+                        "NETWORK",
+                        "OWNER",
+                        "NAME",
+                        "REREGISTRATION",
+                        "PENDING",
+                        "NODES",
+                        "CREATED",
+                    ],
                     &rows,
                 );
             }
@@ -205,6 +282,11 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
                 println!("network:             {}", net.id);
                 println!("owner:               {}", net.owner);
                 println!("name:                {}", net.name);
+                println!(
+                    "re-registration:     {}{}",
+                    net.reregistration.as_str(),
+                    rule_meaning(&net)
+                );
                 println!("created:             {}", time(net.created_ms));
                 println!("pending passphrases: {}", net.pending_passphrases);
                 println!("nodes:               {}", net.nodes);
@@ -212,6 +294,20 @@ async fn network_on<S: IjamStore>(store: S, common: &Common, cmd: NetworkCommand
         }
     }
     Ok(())
+}
+
+/// What a network's rule means for its owner's nodes, after the rule's name.
+fn rule_meaning(net: &Network) -> String {
+    match net.reregistration {
+        Reregistration::Owner => format!(
+            " (a registration with any passphrase of {} may name and re-register any node of {})",
+            net.id, net.owner
+        ),
+        Reregistration::Minted => {
+            " (re-registering a node takes a passphrase minted for it: passphrase add --for-node)"
+                .into()
+        }
+    }
 }
 
 pub async fn passphrase(common: &Common, cmd: PassphraseCommand) -> Result<()> {
@@ -233,6 +329,7 @@ async fn passphrase_on<S: IjamStore>(
             allow_short,
             expires_in,
             count,
+            for_node,
         } => {
             let id = network_id(&network)?;
             if node_name.trim().is_empty() {
@@ -275,6 +372,7 @@ async fn passphrase_on<S: IjamStore>(
                     passphrase: storage.store_passphrase(store.at_rest(), id.as_str(), p.expose()),
                     node_name: name.clone(),
                     expires_ms,
+                    for_node,
                 })
                 .collect();
             store.add_passphrases(id.as_str(), batch, now).await?;
@@ -282,7 +380,7 @@ async fn passphrase_on<S: IjamStore>(
                 let items: Vec<_> = minted
                     .iter()
                     .map(|(name, p)| {
-                        json!({"network": id.as_str(), "node_name": name, "passphrase": p.expose(), "expires_ms": expires_ms})
+                        json!({"network": id.as_str(), "node_name": name, "passphrase": p.expose(), "expires_ms": expires_ms, "for_node": for_node})
                     })
                     .collect();
                 println!("{}", serde_json::to_string(&items)?);
@@ -307,10 +405,11 @@ async fn passphrase_on<S: IjamStore>(
                             Some(ms) if ms <= now => format!("{} (expired)", time(ms)),
                             Some(ms) => time(ms),
                         };
-                        vec![p.node_name.clone(), time(p.created_ms), expiry]
+                        let for_node = p.for_node.map_or_else(|| "-".into(), |n| n.to_string());
+                        vec![p.node_name.clone(), for_node, time(p.created_ms), expiry]
                     })
                     .collect();
-                print_table(&["NODE NAME", "CREATED", "EXPIRES"], &rows);
+                print_table(&["NODE NAME", "FOR NODE", "CREATED", "EXPIRES"], &rows);
             }
         }
         PassphraseCommand::Revoke { network, node_name } => {

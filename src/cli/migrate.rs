@@ -67,7 +67,13 @@ async fn migrate_into<S: IjamStore>(
     let mut copied = Copied::default();
     for net in portal.networks().await? {
         match store
-            .create_network(&net.id, &net.owner, &net.name, net.created_ms)
+            .create_network(
+                &net.id,
+                &net.owner,
+                &net.name,
+                net.reregistration,
+                net.created_ms,
+            )
             .await
         {
             Ok(_) => copied.networks += 1,
@@ -97,6 +103,7 @@ async fn migrate_into<S: IjamStore>(
                 passphrase: storage.store_passphrase(store.at_rest(), &net.id, &text),
                 node_name,
                 expires_ms: None,
+                for_node: None,
             };
             // One at a time: a second run finds each one there and goes on.
             match store.add_passphrases(&net.id, vec![pending], now).await {

@@ -394,7 +394,7 @@ mod tests {
     use crate::core::crypto::{RsaKey, StoredNodeKey};
     use crate::core::ids::NodeKey;
     use crate::store::Creation;
-    use crate::store::ijam::{AtRest, NewPassphrase, Node, NodeStatus};
+    use crate::store::ijam::{AtRest, NewPassphrase, Node, NodeStatus, Reregistration};
     use crate::store::sqlite::SqliteStore;
     use crate::wire::ijam::{NetworkId, NodeArch, NodeType, Passphrase};
 
@@ -412,7 +412,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("db"), Creation::IfMissing).unwrap();
         store
-            .create_network("lab", "alice", "Lab", NOW)
+            .create_network("lab", "alice", "Lab", Reregistration::Owner, NOW)
             .await
             .unwrap();
         let rsa = RsaKey::from_pkcs8_pem(include_str!(
@@ -450,6 +450,7 @@ mod tests {
                         passphrase: stored,
                         node_name: format!("node-{n}"),
                         expires_ms: None,
+                        for_node: None,
                     }],
                     NOW,
                 )

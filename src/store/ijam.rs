@@ -12,12 +12,45 @@ pub use crate::core::crypto::{
 
 use super::StoreError;
 
+/// Who may re-register an existing node through a network: its rule, set per network
+/// (`network create --reregistration`, `network set`). The rule applies to the
+/// registrations that name this network, whichever network the node is in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reregistration {
+    /// The JAMScript-OTA rule, which deployments rely on: any passphrase of the
+    /// network re-registers any node of the network's owner that names its id.
+    #[default]
+    Owner,
+    /// Only a passphrase minted for that node ([`NewPassphrase::for_node`])
+    /// re-registers an existing node; any other gets the 401 and is not consumed.
+    Minted,
+}
+
+impl Reregistration {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reregistration::Owner => "owner",
+            Reregistration::Minted => "minted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "owner" => Some(Reregistration::Owner),
+            "minted" => Some(Reregistration::Minted),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Network {
     pub id: String,
     pub owner: String,
     pub name: String,
     pub created_ms: i64,
+    pub reregistration: Reregistration,
     /// Passphrases not yet consumed (expired ones included).
     pub pending_passphrases: u64,
     pub nodes: u64,
@@ -28,6 +61,9 @@ pub struct NewPassphrase {
     pub passphrase: StoredPassphrase,
     pub node_name: String,
     pub expires_ms: Option<i64>,
+    /// Minted for this node of the network: it re-registers that node and nothing
+    /// else (under either rule). The node must be in the network when it is added.
+    pub for_node: Option<Uuid>,
 }
 
 /// What `passphrase list` shows: never the secret, not even its hash.
@@ -36,6 +72,7 @@ pub struct PendingPassphrase {
     pub node_name: String,
     pub created_ms: i64,
     pub expires_ms: Option<i64>,
+    pub for_node: Option<Uuid>,
 }
 
 /// Node status as stored. The ijam wire codes (4/8/16) live in `wire::ijam`.
@@ -157,7 +194,9 @@ pub enum RegisterOutcome {
     Reregistered { node_id: Uuid },
     /// A byte-identical request was answered within the replay TTL; nothing changed.
     Replayed { node_id: Uuid },
-    /// Unknown network, unknown / used / expired passphrase: one outcome, so one reply.
+    /// Unknown network, unknown / used / expired passphrase, a passphrase minted for
+    /// another use, or a re-registration the network's rule refuses: one outcome, so
+    /// one reply. Nothing changed; the passphrase is still pending.
     InvalidPassphrase,
 }
 
@@ -205,7 +244,15 @@ pub trait IjamStore: Send + Sync + 'static {
         id: &str,
         owner: &str,
         name: &str,
+        reregistration: Reregistration,
         now_ms: i64,
+    ) -> impl Future<Output = Result<Network, StoreError>> + Send;
+    /// Changes the network's re-registration rule; returns the network as it is now
+    /// (unknown network: `UnknownNetwork`).
+    fn set_reregistration(
+        &self,
+        id: &str,
+        reregistration: Reregistration,
     ) -> impl Future<Output = Result<Network, StoreError>> + Send;
     fn network(&self, id: &str)
     -> impl Future<Output = Result<Option<Network>, StoreError>> + Send;
@@ -214,7 +261,8 @@ pub trait IjamStore: Send + Sync + 'static {
     /// returns how many nodes went with it (unknown network: `UnknownNetwork`).
     fn delete_network(&self, id: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Adds all or none: an unknown network, a taken node name or a duplicate secret
+    /// Adds all or none: an unknown network, a taken node name, a duplicate secret or a
+    /// passphrase minted for a node that is not in the network (`NodeNotInNetwork`)
     /// fails the whole batch.
     fn add_passphrases(
         &self,
@@ -232,7 +280,13 @@ pub trait IjamStore: Send + Sync + 'static {
         node_name: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Consume the passphrase and create or re-register the node, atomically.
+    /// Consume the passphrase and create or re-register the node, atomically, under the
+    /// rules of schemas/ijam.md ("Registration"). Beyond the original's, a passphrase
+    /// minted for a node ([`NewPassphrase::for_node`]) re-registers that node only:
+    /// the registration must name it and it must be in the network and not revoked;
+    /// and in a network whose rule is [`Reregistration::Minted`], re-registering an
+    /// existing node of the owner takes a passphrase minted for it. Whatever these
+    /// refuse is `InvalidPassphrase`, with nothing written.
     fn register(
         &self,
         op: RegisterOp,

@@ -53,9 +53,13 @@ pub enum StoreError {
     UnknownPassphraseName { network: String, node_name: String },
     #[error("node {0} does not exist")]
     UnknownNode(Uuid),
+    /// A passphrase minted for a node that is not one of the network's.
+    #[error("node {node} is not a node of network {network:?}")]
+    NodeNotInNetwork { network: String, node: Uuid },
     #[error("device {0} does not exist")]
     UnknownDevice(DeviceId),
-    /// What this store's layout cannot keep (the portal's: passphrase expiry).
+    /// What this store's layout cannot keep (the portal's: passphrase expiry,
+    /// passphrases minted for a node, the `minted` re-registration rule).
     #[error("{0}")]
     Unsupported(String),
     /// The store holds data this version cannot read (hand-edited, or newer schema).

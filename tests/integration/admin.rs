@@ -232,6 +232,248 @@ fn passphrase_commands() {
 }
 
 #[test]
+fn network_reregistration_rule_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| admin(dir.path(), "sqlite", args);
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = run(&[&["--json"], args].concat());
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert!(run(&["init"]).status.success());
+
+    // `owner` unless told otherwise: the original rule.
+    let out = run(&["network", "create", "lab", "--owner", "alice"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(said.contains("re-registration owner"), "{said}");
+    assert_eq!(json(&["network", "show", "lab"])["reregistration"], "owner");
+    let created = json(&[
+        "network",
+        "create",
+        "strict",
+        "--owner",
+        "alice",
+        "--reregistration",
+        "minted",
+    ]);
+    assert_eq!(created["reregistration"], "minted");
+    let shown = String::from_utf8(run(&["network", "show", "strict"]).stdout).unwrap();
+    assert!(shown.contains("re-registration:     minted"), "{shown}");
+
+    let table = String::from_utf8(run(&["network", "list"]).stdout).unwrap();
+    let rule_of = |table: &str, network: &str| -> String {
+        let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
+        let column = header
+            .iter()
+            .position(|h| *h == "REREGISTRATION")
+            .unwrap_or_else(|| panic!("no REREGISTRATION column: {table}"));
+        let row = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(network))
+            .unwrap_or_else(|| panic!("no row for {network}: {table}"));
+        row.split_whitespace().nth(column).unwrap().to_owned()
+    };
+    assert_eq!(
+        (rule_of(&table, "lab"), rule_of(&table, "strict")),
+        ("owner".into(), "minted".into()),
+        "{table}"
+    );
+    let listed = json(&["network", "list"]);
+    assert_eq!(listed[0]["reregistration"], "owner", "{listed}");
+    assert_eq!(listed[1]["reregistration"], "minted", "{listed}");
+
+    // `network set` changes it both ways.
+    let out = run(&["network", "set", "lab", "--reregistration", "minted"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(said.contains("lab: re-registration minted"), "{said}");
+    assert_eq!(
+        json(&["network", "show", "lab"])["reregistration"],
+        "minted"
+    );
+    let relaxed = json(&["network", "set", "strict", "--reregistration", "owner"]);
+    assert_eq!(
+        (relaxed["id"].as_str(), relaxed["reregistration"].as_str()),
+        (Some("strict"), Some("owner"))
+    );
+    let table = String::from_utf8(run(&["network", "list"]).stdout).unwrap();
+    assert_eq!(
+        (rule_of(&table, "lab"), rule_of(&table, "strict")),
+        ("minted".into(), "owner".into()),
+        "{table}"
+    );
+
+    // Refused, naming why, and nothing changes.
+    let before = json(&["network", "list"]);
+    for (args, says) in [
+        (
+            &["network", "set", "lab", "--reregistration", "anyone"][..],
+            "possible values: owner, minted",
+        ),
+        (&["network", "set", "lab"], "--reregistration"),
+        (
+            &["network", "set", "nope", "--reregistration", "owner"],
+            "\"nope\" does not exist",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "other",
+                "--owner",
+                "bob",
+                "--reregistration",
+                "strict",
+            ],
+            "possible values: owner, minted",
+        ),
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(json(&["network", "list"]), before);
+}
+
+#[test]
+fn passphrases_minted_for_a_node_are_checked_and_listed() {
+    let l = Listener::start(Backend::Sqlite, Key::Vector2048, &[]);
+    l.create_network("net", "alice");
+    l.create_network("other", "alice");
+    let pk = public_key(l.ports.cert);
+    let register = |network: &str, name: &str| {
+        let p = l.add_passphrase(network, name);
+        let key = random_key();
+        let ct = pk
+            .encrypt(&request(None, network, &p, key).to_bytes())
+            .unwrap();
+        decode_reply_upstream(&tcp_exchange(l.ports.reg_tcp, &ct), &key)
+    };
+    let node = register("net", "n1").to_string();
+    let elsewhere = register("other", "o1").to_string();
+    l.add_passphrase("net", "plain");
+
+    let minted = l.admin_ok(&[
+        "passphrase",
+        "add",
+        "net",
+        "--node-name",
+        "n1-again",
+        "--for-node",
+        &node,
+    ]);
+    assert!(
+        registrar::core::crypto::passphrase::looks_generated(minted.trim()),
+        "{minted}"
+    );
+    let typed: serde_json::Value = serde_json::from_str(&l.admin_ok(&[
+        "--json",
+        "passphrase",
+        "add",
+        "net",
+        "--node-name",
+        "n1-typed",
+        "--for-node",
+        &node,
+        "--passphrase",
+        "typedFor1node",
+    ]))
+    .unwrap();
+    assert_eq!(typed[0]["for_node"], node.as_str());
+
+    let pending: Vec<serde_json::Value> =
+        serde_json::from_str(&l.admin_ok(&["--json", "passphrase", "list", "net"])).unwrap();
+    let for_node = |name: &str| {
+        pending
+            .iter()
+            .find(|p| p["node_name"] == name)
+            .unwrap_or_else(|| panic!("{name}: {pending:?}"))["for_node"]
+            .clone()
+    };
+    assert_eq!(for_node("plain"), serde_json::Value::Null);
+    assert_eq!(for_node("n1-again"), node.as_str());
+    assert_eq!(for_node("n1-typed"), node.as_str());
+    let table = l.admin_ok(&["passphrase", "list", "net"]);
+    let header: Vec<&str> = table.lines().next().unwrap().split("  ").collect();
+    assert_eq!(
+        header
+            .iter()
+            .filter(|h| !h.is_empty())
+            .map(|h| h.trim())
+            .collect::<Vec<_>>(),
+        ["NODE NAME", "FOR NODE", "CREATED", "EXPIRES"],
+        "{table}"
+    );
+    let row = |name: &str| -> Vec<String> {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name}: {table}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(row("plain")[1], "-", "{table}");
+    assert_eq!(row("n1-again")[1], node, "{table}");
+
+    // Not a node of the network: refused, naming it, and nothing is written.
+    let missing = uuid::Uuid::from_bytes([7; 16]).to_string();
+    for stranger in [&missing, &elsewhere] {
+        let out = l.admin(&[
+            "passphrase",
+            "add",
+            "net",
+            "--node-name",
+            "x",
+            "--for-node",
+            stranger,
+        ]);
+        assert!(!out.status.success(), "{stranger}");
+        assert!(
+            stderr(&out).contains(&format!("node {stranger} is not a node of network \"net\"")),
+            "{}",
+            stderr(&out)
+        );
+    }
+    for (args, says) in [
+        (
+            &[
+                "passphrase",
+                "add",
+                "net",
+                "--node-name",
+                "x",
+                "--for-node",
+                &node,
+                "--count",
+                "2",
+            ][..],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "passphrase",
+                "add",
+                "net",
+                "--node-name",
+                "x",
+                "--for-node",
+                "not-a-uuid",
+            ],
+            "invalid value",
+        ),
+    ] {
+        let out = l.admin(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    let after: Vec<serde_json::Value> =
+        serde_json::from_str(&l.admin_ok(&["--json", "passphrase", "list", "net"])).unwrap();
+    assert_eq!(after, pending, "nothing written");
+}
+
+#[test]
 fn expired_and_revoked_passphrases_get_the_one_401_reply() {
     let l = Listener::start(Backend::Sqlite, Key::Vector2048, &[]);
     l.create_network("net", "alice");
@@ -341,6 +583,23 @@ fn help_answers_the_questions_an_operator_has() {
         "--idle-timeout",
     ] {
         assert!(help.contains(needle), "{needle} missing from serve --help");
+    }
+    for (command, needles) in [
+        (
+            &["network", "create", "--help"][..],
+            &["--reregistration", "take over", "--for-node"][..],
+        ),
+        (
+            &["network", "set", "--help"],
+            &["--reregistration", "minted"],
+        ),
+        (&["passphrase", "add", "--help"], &["--for-node", "revoked"]),
+    ] {
+        let out = admin(std::path::Path::new("."), "sqlite", command);
+        let help = String::from_utf8(out.stdout).unwrap();
+        for needle in needles {
+            assert!(help.contains(needle), "{needle} missing from {command:?}");
+        }
     }
 }
 

@@ -335,6 +335,129 @@ fn registration_rules_udp(backend: &str) {
     registration_rules(backend, Transport::Udp)
 }
 
+/// The re-registration rules need a native store: the portal's layout keeps neither a
+/// network's rule nor the node a passphrase is minted for (`portal.rs` shows both
+/// refused).
+macro_rules! native_battery {
+    ($($test:ident),* $(,)?) => {
+        mod native_sqlite {
+            $(#[test] fn $test() { super::$test("sqlite") })*
+        }
+        mod native_redis {
+            $(#[test] fn $test() { super::$test("redis") })*
+        }
+    };
+}
+
+native_battery!(reregistration_rules_tcp, reregistration_rules_udp);
+
+/// Node ids travel in clear in every state frame. In an `owner` network anyone holding
+/// an unused passphrase of the owner takes over any of the owner's nodes by naming its
+/// id (the original rule); in a `minted` network only a passphrase minted for the node
+/// re-registers it, and every other attempt gets the one 401 and spends nothing.
+fn reregistration_rules(backend: &str, transport: Transport) {
+    let Some(l) = listener(backend, Key::Vector2048) else {
+        return;
+    };
+    let pk = public_key(l.ports.cert);
+    let send = |req: &RegisterRequest| {
+        let ct = pk.encrypt(&req.to_bytes()).unwrap();
+        exchange(transport, l.ports.reg_tcp, l.ports.reg_udp, &ct)
+    };
+    let state = |id: Uuid, key: &[u8; 32]| {
+        exchange(
+            transport,
+            l.ports.state_tcp,
+            l.ports.state_udp,
+            &state_frame(id, key, StateCode::Online),
+        )
+    };
+    let register = |network: &str, passphrase: &str, id: Option<Uuid>| {
+        let key = random_key();
+        let reply = send(&request(id, network, passphrase, key));
+        (decode_reply_upstream(&reply, &key), key)
+    };
+    const OK: [u8; 2] = [0xc8, 0x00];
+    const WRONG_KEY: [u8; 2] = [0x90, 0x01];
+
+    // `owner` (the default): a spare passphrase of alice's takes her node over.
+    l.create_network("open", "alice");
+    let (victim, victim_key) = register("open", &l.add_passphrase("open", "victim"), None);
+    assert_eq!(state(victim, &victim_key), OK);
+    let spare = l.add_passphrase("open", "spare");
+    let (taken, thief_key) = register("open", &spare, Some(victim));
+    assert_eq!(taken, victim, "the original rule: re-registered");
+    assert_eq!(
+        state(victim, &victim_key),
+        WRONG_KEY,
+        "its owner is locked out"
+    );
+    assert_eq!(state(victim, &thief_key), OK);
+
+    // `minted`: the same attempt gets the 401, and the node keeps its key.
+    l.admin_ok(&[
+        "network",
+        "create",
+        "strict",
+        "--owner",
+        "bob",
+        "--reregistration",
+        "minted",
+    ]);
+    let (a, a_key) = register("strict", &l.add_passphrase("strict", "a"), None);
+    let (b, b_key) = register("strict", &l.add_passphrase("strict", "b"), None);
+    let spare = l.add_passphrase("strict", "spare");
+    assert_eq!(
+        send(&request(Some(a), "strict", &spare, random_key())),
+        REPLY_401
+    );
+    assert_eq!(state(a, &a_key), OK, "a keeps working with its own key");
+    assert_eq!(l.node_json(a)["name"], "a");
+
+    // A passphrase minted for a, naming b: the 401, and b keeps its key.
+    let for_a = l
+        .admin_ok(&[
+            "passphrase",
+            "add",
+            "strict",
+            "--node-name",
+            "a-again",
+            "--for-node",
+            &a.to_string(),
+        ])
+        .trim()
+        .to_owned();
+    assert_eq!(
+        send(&request(Some(b), "strict", &for_a, random_key())),
+        REPLY_401
+    );
+    assert_eq!(state(b, &b_key), OK);
+
+    // Naming a, it re-registers a: same id, status offline, only the new key works.
+    let (again, new_key) = register("strict", &for_a, Some(a));
+    assert_eq!(again, a);
+    let node = l.node_json(a);
+    assert_eq!(
+        (node["status"].as_str(), node["name"].as_str()),
+        (Some("offline"), Some("a-again"))
+    );
+    assert_eq!(state(a, &a_key), WRONG_KEY);
+    assert_eq!(state(a, &new_key), OK);
+
+    // The refused spare was not spent: it still registers a new node.
+    let (fresh, _) = register("strict", &spare, None);
+    assert!(![victim, a, b].contains(&fresh));
+    assert_eq!(l.nodes_json().len(), 4);
+}
+
+fn reregistration_rules_tcp(backend: &str) {
+    reregistration_rules(backend, Transport::Tcp)
+}
+
+fn reregistration_rules_udp(backend: &str) {
+    reregistration_rules(backend, Transport::Udp)
+}
+
 fn two_hundred_clients_race_for_twenty_passphrases(backend: &str) {
     let Some(l) = listener(backend, Key::Vector2048) else {
         return;

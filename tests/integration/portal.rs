@@ -484,8 +484,11 @@ fn admin_commands_read_and_write_the_portal_layout() {
     assert_eq!(
         networks,
         serde_json::json!([{"id": "lab", "owner": "alice", "name": "Lab bench",
-            "created_ms": 1_700_000_000_000i64, "pending_passphrases": 1, "nodes": 1}])
+            "created_ms": 1_700_000_000_000i64, "reregistration": "owner",
+            "pending_passphrases": 1, "nodes": 1}])
     );
+    let shown = l.admin_ok(&["network", "show", "lab"]);
+    assert!(shown.contains("re-registration:     owner"), "{shown}");
     let pending = l.admin_ok(&["passphrase", "list", "lab"]);
     assert!(pending.contains("bench-1"), "{pending}");
     assert!(
@@ -536,6 +539,47 @@ fn admin_commands_read_and_write_the_portal_layout() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no passphrase expiry"), "{err}");
     assert_eq!(portal.dump(), snapshot);
+    // Nor a passphrase minted for a node, nor the `minted` rule: the portal's networks
+    // follow the original's.
+    for (args, says) in [
+        (
+            &[
+                "passphrase",
+                "add",
+                "lab",
+                "--node-name",
+                "later",
+                "--for-node",
+                &id.to_string(),
+            ][..],
+            "no node a passphrase is minted for",
+        ),
+        (
+            &[
+                "network",
+                "create",
+                "strict",
+                "--owner",
+                "alice",
+                "--reregistration",
+                "minted",
+            ],
+            "keeps no re-registration rule",
+        ),
+        (
+            &["network", "set", "lab", "--reregistration", "minted"],
+            "keeps no re-registration rule",
+        ),
+    ] {
+        let out = l.admin(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(portal.dump(), snapshot, "{args:?}");
+    }
+    let set = l.admin_ok(&["network", "set", "lab", "--reregistration", "owner"]);
+    assert!(set.contains("re-registration owner"), "{set}");
+    assert_eq!(portal.dump(), snapshot, "the rule it keeps already");
 
     l.admin_ok(&["passphrase", "revoke", "lab", "--node-name", "bench-1"]);
     assert!(

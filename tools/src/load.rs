@@ -26,7 +26,7 @@ use registrar::core::datadir::DataDir;
 use registrar::flow::ijam::{
     REASON_BUSY, REASON_INVALID_PASSPHRASE, REASON_RATE_LIMITED, REASON_REQUEST, REASON_UNAVAILABLE,
 };
-use registrar::store::ijam::{IjamStore, NewPassphrase};
+use registrar::store::ijam::{IjamStore, NewPassphrase, Reregistration};
 use registrar::store::{Creation, Stores};
 use registrar::wire::ijam::{NetworkId, NodeArch, NodeKey, NodeType, Passphrase, RegisterRequest};
 use serde_json::json;
@@ -455,7 +455,13 @@ async fn mint_on<S: Stores>(
     let network = format!("load-{}", hex::encode(suffix));
     let now = clock::now_ms();
     store
-        .create_network(&network, "load", "load test", now)
+        .create_network(
+            &network,
+            "load",
+            "load test",
+            Reregistration::default(),
+            now,
+        )
         .await?;
     eprintln!("minting {count} passphrases in {} …", store.describe());
     let mut all = Vec::with_capacity(count);
@@ -468,6 +474,7 @@ async fn mint_on<S: Stores>(
                 passphrase: storage.store_passphrase(store.at_rest(), &network, &p),
                 node_name: format!("load-{}", i + 1),
                 expires_ms: None,
+                for_node: None,
             });
             all.push(p);
         }

@@ -15,8 +15,8 @@ use super::{RedisStore, SETTLE_WITHIN, field, int_field, tag, unexpected};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, StateFrameDigest, TransitionOutcome, protected_key,
-    protected_passphrase, sealed_key,
+    RegisterOutcome, Reregistration, SealedNodeKey, StateFrameDigest, TransitionOutcome,
+    protected_key, protected_passphrase, sealed_key,
 };
 
 /// Records read per round trip by a listing that reads every node.
@@ -311,6 +311,7 @@ impl IjamStore for RedisStore {
         id: &str,
         owner: &str,
         name: &str,
+        reregistration: Reregistration,
         now_ms: i64,
     ) -> Result<Network, StoreError> {
         // The id is claimed across owners first; a claim left by a create that died
@@ -324,7 +325,11 @@ impl IjamStore for RedisStore {
             .run(
                 &self.scripts.create_network,
                 &[Owner(owner).network(id)],
-                &[name.to_owned(), now_ms.to_string()],
+                &[
+                    name.to_owned(),
+                    now_ms.to_string(),
+                    reregistration.as_str().to_owned(),
+                ],
             )
             .await?;
         match tag(&reply) {
@@ -335,12 +340,35 @@ impl IjamStore for RedisStore {
                     owner: owner.to_owned(),
                     name: name.to_owned(),
                     created_ms: now_ms,
+                    reregistration,
                     pending_passphrases: 0,
                     nodes: 0,
                 })
             }
             "exists" => Err(StoreError::NetworkExists(id.to_owned())),
             _ => Err(unexpected("create_network", &reply)),
+        }
+    }
+
+    async fn set_reregistration(
+        &self,
+        id: &str,
+        reregistration: Reregistration,
+    ) -> Result<Network, StoreError> {
+        let unknown = || StoreError::UnknownNetwork(id.to_owned());
+        let owner = self.network_owner(id, true).await?.ok_or_else(unknown)?;
+        let reply = self
+            .inner
+            .run(
+                &self.scripts.set_reregistration,
+                &[Owner(&owner).network(id)],
+                &[reregistration.as_str().to_owned()],
+            )
+            .await?;
+        match tag(&reply) {
+            "ok" => self.read_network(id, &owner).await?.ok_or_else(unknown),
+            "unknown" => Err(unknown()),
+            _ => Err(unexpected("set_reregistration", &reply)),
         }
     }
 
@@ -473,17 +501,24 @@ impl IjamStore for RedisStore {
             return Err(StoreError::UnknownNetwork(network.to_owned()));
         };
         let slot = Owner(&owner);
-        let mut args = Vec::with_capacity(1 + 3 * batch.len());
+        let mut args = Vec::with_capacity(2 + 4 * batch.len());
         args.push(now_ms.to_string());
+        args.push(network.to_owned());
         for p in &batch {
             args.push(hex::encode(protected_passphrase(&p.passphrase)?.0));
             args.push(p.expires_ms.map(|e| e.to_string()).unwrap_or_default());
+            args.push(
+                p.for_node
+                    .map(|node| node.hyphenated().to_string())
+                    .unwrap_or_default(),
+            );
             args.push(p.node_name.clone());
         }
         let script_keys = [
             slot.network(network),
             slot.passphrases(network),
             slot.passphrase_names(network),
+            slot.nodes(),
         ];
         let reply = self
             .inner
@@ -708,6 +743,10 @@ pub(super) fn passphrases_added(
             node_name: name.clone(),
         }),
         ("passphrase_taken", _) => Err(StoreError::PassphraseTaken(network.to_owned())),
+        ("not_in_network", Some(node)) => Err(StoreError::NodeNotInNetwork {
+            network: network.to_owned(),
+            node: Uuid::try_parse(node).map_err(|_| unexpected(script, reply))?,
+        }),
         _ => Err(unexpected(script, reply)),
     }
 }
@@ -794,21 +833,36 @@ fn parse_network(
     nodes: u64,
 ) -> Result<Network, StoreError> {
     let what = format!("network {id:?}");
+    // A record from before the rules has none: the original's.
+    let reregistration = match record.get("reregistration") {
+        None => Reregistration::Owner,
+        Some(rule) => Reregistration::parse(rule)
+            .ok_or_else(|| StoreError::Corrupt(format!("{what}: re-registration rule {rule:?}")))?,
+    };
     Ok(Network {
         id: id.to_owned(),
         owner: owner.to_owned(),
         name: field(&what, record, "name")?.to_owned(),
         created_ms: int_field(&what, record, "created_ms")?,
+        reregistration,
         pending_passphrases,
         nodes,
     })
 }
 
-/// Parses `<created_ms>|<expires_ms or empty>|<node_name>`; the name may hold `|`.
+/// Parses `[for:<uuid>|]<created_ms>|<expires_ms or empty>|<node_name>`; the name may
+/// hold `|`.
 fn parse_passphrase(network: &str, entry: &str) -> Result<PendingPassphrase, StoreError> {
     let corrupt =
         || StoreError::Corrupt(format!("passphrase entry {entry:?} in network {network:?}"));
-    let mut parts = entry.splitn(3, '|');
+    let (for_node, rest) = match entry.strip_prefix("for:") {
+        Some(minted) => {
+            let (node, rest) = minted.split_once('|').ok_or_else(corrupt)?;
+            (Some(Uuid::try_parse(node).map_err(|_| corrupt())?), rest)
+        }
+        None => (None, entry),
+    };
+    let mut parts = rest.splitn(3, '|');
     let (Some(created), Some(expires), Some(node_name)) =
         (parts.next(), parts.next(), parts.next())
     else {
@@ -821,6 +875,7 @@ fn parse_passphrase(network: &str, entry: &str) -> Result<PendingPassphrase, Sto
             "" => None,
             e => Some(e.parse().map_err(|_| corrupt())?),
         },
+        for_node,
     })
 }
 

@@ -44,6 +44,7 @@ const CORRUPT_CODE: &str = "RGCORRUPT";
 /// Every script, loaded once per store.
 struct Scripts {
     create_network: Script,
+    set_reregistration: Script,
     delete_network: Script,
     import_node: Script,
     add_passphrases: Script,
@@ -63,6 +64,10 @@ pub const SCRIPTS: &[(&str, &str)] = &[
     (
         "ijam/create_network.lua",
         include_str!("scripts/ijam/create_network.lua"),
+    ),
+    (
+        "ijam/set_reregistration.lua",
+        include_str!("scripts/ijam/set_reregistration.lua"),
     ),
     (
         "ijam/delete_network.lua",
@@ -150,6 +155,7 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             create_network: script("ijam/create_network.lua"),
+            set_reregistration: script("ijam/set_reregistration.lua"),
             delete_network: script("ijam/delete_network.lua"),
             import_node: script("ijam/import_node.lua"),
             add_passphrases: script("ijam/add_passphrases.lua"),

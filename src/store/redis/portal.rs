@@ -24,8 +24,8 @@ use super::{RedisStore, SETTLE_WITHIN, field, tag, unexpected};
 use crate::core::ids::{DeviceId, NodeKey};
 use crate::store::ijam::{
     AtRest, IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, StateFrameDigest, StoredNodeKey, StoredPassphrase,
-    TransitionOutcome,
+    RegisterOutcome, Reregistration, SealedNodeKey, StateFrameDigest, StoredNodeKey,
+    StoredPassphrase, TransitionOutcome,
 };
 use crate::store::pubkey::{AttestOp, AttestOutcome, Device, DeviceRegisterOutcome, PubkeyStore};
 use crate::store::{StoreError, Stores};
@@ -39,6 +39,12 @@ const LAST_STATE_TTL_MS: i64 = 30 * 24 * 60 * 60 * 1000;
 
 /// How often a registration reads the requested node again when it moved meanwhile.
 const STALE_RETRIES: usize = 3;
+
+/// Why the layout cannot take the `minted` rule (networks keep no rule; every
+/// re-registration follows the portal's, `owner`).
+const NO_MINTED_RULE: &str = "the portal's layout keeps no re-registration rule: its \
+     networks follow the original's (owner: any passphrase of the owner re-registers any \
+     of the owner's nodes); migrate to a native store for --reregistration minted";
 
 /// The portal's scripts.
 struct PortalScripts {
@@ -133,6 +139,7 @@ impl PortalStore {
             owner: field(&what, &record, "username")?.to_owned(),
             name: field(&what, &record, "name")?.to_owned(),
             created_ms: portal_time(&what, &record, "createdOn")?,
+            reregistration: Reregistration::Owner,
             pending_passphrases: pending,
             nodes,
         }))
@@ -297,8 +304,12 @@ impl IjamStore for PortalStore {
         id: &str,
         owner: &str,
         name: &str,
+        reregistration: Reregistration,
         now_ms: i64,
     ) -> Result<Network, StoreError> {
+        if reregistration != Reregistration::Owner {
+            return Err(StoreError::Unsupported(NO_MINTED_RULE.into()));
+        }
         let reply = self
             .redis
             .inner
@@ -319,6 +330,7 @@ impl IjamStore for PortalStore {
                 owner: owner.to_owned(),
                 name: name.to_owned(),
                 created_ms: now_ms,
+                reregistration,
                 pending_passphrases: 0,
                 nodes: 0,
             }),
@@ -329,6 +341,20 @@ impl IjamStore for PortalStore {
 
     async fn network(&self, id: &str) -> Result<Option<Network>, StoreError> {
         self.read_network(id).await
+    }
+
+    async fn set_reregistration(
+        &self,
+        id: &str,
+        reregistration: Reregistration,
+    ) -> Result<Network, StoreError> {
+        if reregistration != Reregistration::Owner {
+            return Err(StoreError::Unsupported(NO_MINTED_RULE.into()));
+        }
+        // Already the rule of every network here: nothing to write.
+        self.read_network(id)
+            .await?
+            .ok_or_else(|| StoreError::UnknownNetwork(id.to_owned()))
     }
 
     async fn networks(&self) -> Result<Vec<Network>, StoreError> {
@@ -410,6 +436,14 @@ impl IjamStore for PortalStore {
                     .into(),
             ));
         }
+        if batch.iter().any(|p| p.for_node.is_some()) {
+            return Err(StoreError::Unsupported(
+                "the portal's layout keeps no node a passphrase is minted for: every \
+                 passphrase there may register or re-register any of the owner's nodes; \
+                 add it without --for-node, or migrate to a native store"
+                    .into(),
+            ));
+        }
         let mut args = Vec::with_capacity(2 * batch.len());
         for p in &batch {
             args.push(clear_passphrase(&p.passphrase)?.to_owned());
@@ -446,6 +480,7 @@ impl IjamStore for PortalStore {
                 node_name: name.clone(),
                 created_ms: 0,
                 expires_ms: None,
+                for_node: None,
             })
             .collect();
         list.sort_by(|a, b| a.node_name.cmp(&b.node_name));

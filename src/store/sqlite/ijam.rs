@@ -10,32 +10,47 @@ use super::{Cached, OrUnavailable, SqliteStore};
 use crate::store::StoreError;
 use crate::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PendingPassphrase, RegisterOp,
-    RegisterOutcome, SealedNodeKey, StateFrameDigest, TransitionOutcome, protected_key,
-    protected_passphrase, sealed_key,
+    RegisterOutcome, Reregistration, SealedNodeKey, StateFrameDigest, TransitionOutcome,
+    protected_key, protected_passphrase, sealed_key,
 };
+
+const NETWORK_COLUMNS: &str = "id, owner, name, created_ms, reregistration,
+     (SELECT count(*) FROM ijam_passphrases WHERE network = n.id),
+     (SELECT count(*) FROM ijam_nodes WHERE network = n.id)";
 
 fn read_network(conn: &Connection, id: &str) -> Result<Option<Network>, StoreError> {
     conn.row(
-        "SELECT id, owner, name, created_ms,
-                (SELECT count(*) FROM ijam_passphrases WHERE network = n.id),
-                (SELECT count(*) FROM ijam_nodes WHERE network = n.id)
-         FROM ijam_networks n WHERE id = ?1",
+        &format!("SELECT {NETWORK_COLUMNS} FROM ijam_networks n WHERE id = ?1"),
         [id],
         network_from_row,
     )
     .optional()
-    .db()
+    .db()?
+    .transpose()
 }
 
-fn network_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Network> {
-    Ok(Network {
-        id: row.get(0)?,
+fn network_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Network, StoreError>> {
+    let id: String = row.get(0)?;
+    let rule: String = row.get(4)?;
+    let Some(reregistration) = Reregistration::parse(&rule) else {
+        return Ok(Err(StoreError::Corrupt(format!(
+            "network {id:?} with re-registration rule {rule:?}"
+        ))));
+    };
+    Ok(Ok(Network {
+        id,
         owner: row.get(1)?,
         name: row.get(2)?,
         created_ms: row.get(3)?,
-        pending_passphrases: row.get::<_, i64>(4)? as u64,
-        nodes: row.get::<_, i64>(5)? as u64,
-    })
+        reregistration,
+        pending_passphrases: row.get::<_, i64>(5)? as u64,
+        nodes: row.get::<_, i64>(6)? as u64,
+    }))
+}
+
+/// A node id as stored in a text column.
+fn parse_node_id(id: &str) -> Result<Uuid, StoreError> {
+    Uuid::parse_str(id).map_err(|_| StoreError::Corrupt(format!("node id {id:?}")))
 }
 
 const NODE_COLUMNS: &str = "id, network, owner, name, type, arch, status, sealed_key, ip, \
@@ -92,13 +107,54 @@ fn sweep_replay(conn: &Connection, now_ms: i64) -> Result<(), StoreError> {
 
 const REPLAY_LOOKUP: &str =
     "SELECT node_id FROM ijam_replay WHERE network = ?1 AND key = ?2 AND expires_ms > ?3";
-/// The owner comes from a subquery, not a join: with a join, SQLite (built with
-/// STAT4, as rusqlite's bundled copy is) re-prepared this statement on every run,
-/// which cost the writer thread a sixth of its time.
-const PASSPHRASE_LOOKUP: &str =
-    "SELECT p.node_name, (SELECT owner FROM ijam_networks WHERE id = p.network)
+/// The network's owner and rule come from subqueries, not a join: with a join, SQLite
+/// (built with STAT4, as rusqlite's bundled copy is) re-prepared this statement on
+/// every run, which cost the writer thread a sixth of its time.
+const PASSPHRASE_LOOKUP: &str = "SELECT p.node_name, p.for_node,
+            (SELECT owner FROM ijam_networks WHERE id = p.network),
+            (SELECT reregistration FROM ijam_networks WHERE id = p.network)
      FROM ijam_passphrases p
      WHERE p.network = ?1 AND p.hash = ?2 AND (p.expires_ms IS NULL OR p.expires_ms > ?3)";
+
+/// A pending, unexpired passphrase as a registration finds it.
+struct Usable {
+    node_name: String,
+    for_node: Option<Uuid>,
+    owner: String,
+    reregistration: Reregistration,
+}
+
+/// A row of [`PASSPHRASE_LOOKUP`]; `None` when its network is gone.
+fn usable_from_row(
+    row: &rusqlite::Row<'_>,
+) -> rusqlite::Result<Result<Option<Usable>, StoreError>> {
+    let (Some(owner), Some(rule)) = (
+        row.get::<_, Option<String>>(2)?,
+        row.get::<_, Option<String>>(3)?,
+    ) else {
+        return Ok(Ok(None));
+    };
+    let Some(reregistration) = Reregistration::parse(&rule) else {
+        return Ok(Err(StoreError::Corrupt(format!(
+            "a network with re-registration rule {rule:?}"
+        ))));
+    };
+    let for_node = match row
+        .get::<_, Option<String>>(1)?
+        .as_deref()
+        .map(parse_node_id)
+    {
+        None => None,
+        Some(Ok(node)) => Some(node),
+        Some(Err(e)) => return Ok(Err(e)),
+    };
+    Ok(Ok(Some(Usable {
+        node_name: row.get(0)?,
+        for_node,
+        owner,
+        reregistration,
+    })))
+}
 
 fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreError> {
     let passphrase = protected_passphrase(&op.passphrase)?.0;
@@ -116,29 +172,53 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
         return Ok(RegisterOutcome::Replayed { node_id });
     }
 
-    let pending: Option<(String, Option<String>)> = conn
+    let usable = conn
         .row(
             PASSPHRASE_LOOKUP,
             params![op.network, passphrase, op.now_ms],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            usable_from_row,
         )
         .optional()
-        .db()?;
-    let Some((name, Some(owner))) = pending else {
+        .db()?
+        .transpose()?
+        .flatten();
+    let Some(usable) = usable else {
         return Ok(RegisterOutcome::InvalidPassphrase);
     };
+
+    let existing = match op.requested_id {
+        Some(id) => read_node(conn, id)?,
+        None => None,
+    };
+    // Everything is decided before the first write: a refusal commits nothing, so
+    // the passphrase stays pending.
+    let reregisterable = existing
+        .as_ref()
+        .is_some_and(|node| node.owner == usable.owner && node.status != NodeStatus::Revoked);
+    match usable.for_node {
+        Some(minted_for) => {
+            let names_it = op.requested_id == Some(minted_for)
+                && existing
+                    .as_ref()
+                    .is_some_and(|node| node.network == op.network);
+            if !(names_it && reregisterable) {
+                return Ok(RegisterOutcome::InvalidPassphrase);
+            }
+        }
+        None if usable.reregistration == Reregistration::Minted && reregisterable => {
+            return Ok(RegisterOutcome::InvalidPassphrase);
+        }
+        None => {}
+    }
+    let (name, owner) = (usable.node_name, usable.owner);
     conn.exec(
         "DELETE FROM ijam_passphrases WHERE network = ?1 AND hash = ?2",
         params![op.network, passphrase],
     )
     .db()?;
 
-    let existing = match op.requested_id {
-        Some(id) => read_node(conn, id)?,
-        None => None,
-    };
     let outcome = match (op.requested_id, existing) {
-        (Some(id), Some(node)) if node.owner == owner && node.status != NodeStatus::Revoked => {
+        (Some(id), Some(_)) if reregisterable => {
             conn.exec(
                 "UPDATE ijam_nodes SET status = 'offline', sealed_key = ?2, type = ?3, arch = ?4,
                         name = ?5, network = ?6, registered_ms = ?7 WHERE id = ?1",
@@ -208,20 +288,39 @@ impl IjamStore for SqliteStore {
         id: &str,
         owner: &str,
         name: &str,
+        reregistration: Reregistration,
         now_ms: i64,
     ) -> Result<Network, StoreError> {
         let (id, owner, name) = (id.to_owned(), owner.to_owned(), name.to_owned());
         self.call(move |conn| {
             let inserted = conn
                 .exec(
-                    "INSERT OR IGNORE INTO ijam_networks (id, owner, name, created_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, owner, name, now_ms],
+                    "INSERT OR IGNORE INTO ijam_networks (id, owner, name, created_ms, reregistration)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id, owner, name, now_ms, reregistration.as_str()],
                 )
                 .db()?;
             if inserted == 0 {
                 return Err(StoreError::NetworkExists(id));
             }
             read_network(conn, &id)?.ok_or_else(|| StoreError::Corrupt("network vanished".into()))
+        })
+        .await
+    }
+
+    async fn set_reregistration(
+        &self,
+        id: &str,
+        reregistration: Reregistration,
+    ) -> Result<Network, StoreError> {
+        let id = id.to_owned();
+        self.call(move |conn| {
+            conn.exec(
+                "UPDATE ijam_networks SET reregistration = ?2 WHERE id = ?1",
+                params![id, reregistration.as_str()],
+            )
+            .db()?;
+            read_network(conn, &id)?.ok_or(StoreError::UnknownNetwork(id))
         })
         .await
     }
@@ -287,15 +386,15 @@ impl IjamStore for SqliteStore {
     async fn networks(&self) -> Result<Vec<Network>, StoreError> {
         self.call(|conn| {
             let mut stmt = conn
-                .prepare(
-                    "SELECT id, owner, name, created_ms,
-                            (SELECT count(*) FROM ijam_passphrases WHERE network = n.id),
-                            (SELECT count(*) FROM ijam_nodes WHERE network = n.id)
-                     FROM ijam_networks n ORDER BY id",
-                )
+                .prepare(&format!(
+                    "SELECT {NETWORK_COLUMNS} FROM ijam_networks n ORDER BY id"
+                ))
                 .db()?;
             let rows = stmt.query_map([], network_from_row).db()?;
-            rows.collect::<Result<Vec<_>, _>>().db()
+            rows.collect::<Result<Vec<_>, _>>()
+                .db()?
+                .into_iter()
+                .collect()
         })
         .await
     }
@@ -326,16 +425,31 @@ impl IjamStore for SqliteStore {
                         node_name: p.node_name,
                     });
                 }
+                if let Some(node) = p.for_node {
+                    let in_network = conn
+                        .row(
+                            "SELECT count(*) FROM ijam_nodes WHERE id = ?1 AND network = ?2",
+                            params![node.to_string(), network],
+                            |row| row.get::<_, i64>(0),
+                        )
+                        .db()?
+                        > 0;
+                    if !in_network {
+                        return Err(StoreError::NodeNotInNetwork { network, node });
+                    }
+                }
                 let inserted = conn
                     .exec(
-                        "INSERT OR IGNORE INTO ijam_passphrases (network, hash, node_name, created_ms, expires_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5)",
+                        "INSERT OR IGNORE INTO ijam_passphrases
+                             (network, hash, node_name, created_ms, expires_ms, for_node)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                         params![
                             network,
                             protected_passphrase(&p.passphrase)?.0,
                             p.node_name,
                             now_ms,
-                            p.expires_ms
+                            p.expires_ms,
+                            p.for_node.map(|node| node.to_string())
                         ],
                     )
                     .db()?;
@@ -356,20 +470,31 @@ impl IjamStore for SqliteStore {
             }
             let mut stmt = conn
                 .prepare(
-                    "SELECT node_name, created_ms, expires_ms FROM ijam_passphrases
+                    "SELECT node_name, created_ms, expires_ms, for_node FROM ijam_passphrases
                      WHERE network = ?1 ORDER BY created_ms, node_name",
                 )
                 .db()?;
             let rows = stmt
                 .query_map([&network], |row| {
-                    Ok(PendingPassphrase {
-                        node_name: row.get(0)?,
-                        created_ms: row.get(1)?,
-                        expires_ms: row.get(2)?,
-                    })
+                    Ok((
+                        PendingPassphrase {
+                            node_name: row.get(0)?,
+                            created_ms: row.get(1)?,
+                            expires_ms: row.get(2)?,
+                            for_node: None,
+                        },
+                        row.get::<_, Option<String>>(3)?,
+                    ))
                 })
                 .db()?;
-            rows.collect::<Result<Vec<_>, _>>().db()
+            rows.map(|row| {
+                let (pending, for_node) = row.db()?;
+                Ok(PendingPassphrase {
+                    for_node: for_node.as_deref().map(parse_node_id).transpose()?,
+                    ..pending
+                })
+            })
+            .collect()
         })
         .await
     }

@@ -33,6 +33,10 @@ pub const MIGRATIONS: &[Migration] = &[
                that changed each node, the attempt that used each nonce",
         sql: OWN_EFFECTS,
     },
+    Migration {
+        name: "ijam: a re-registration rule per network, passphrases minted for a node",
+        sql: REREGISTRATION,
+    },
 ];
 
 /// The schema of release 0.1.0, as it made it.
@@ -111,6 +115,16 @@ ALTER TABLE used_nonces RENAME TO pubkey_used_nonces;
 const OWN_EFFECTS: &str = "
 ALTER TABLE ijam_nodes ADD COLUMN last_state BLOB;
 ALTER TABLE pubkey_used_nonces ADD COLUMN attempt BLOB;
+";
+
+/// A network's re-registration rule (`owner`, the original's, for every network made
+/// before), and the node a pending passphrase was minted for (NULL: any use). The
+/// node is not a foreign key: a passphrase outlives nothing it names (deleting a
+/// network deletes both), and a node revoked meanwhile simply refuses it.
+const REREGISTRATION: &str = "
+ALTER TABLE ijam_networks ADD COLUMN reregistration TEXT NOT NULL DEFAULT 'owner'
+    CHECK (reregistration IN ('owner', 'minted'));
+ALTER TABLE ijam_passphrases ADD COLUMN for_node TEXT;
 ";
 
 /// The version of the store on `conn`.
@@ -208,8 +222,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(version(&conn).unwrap(), 1);
-        let applied: Vec<&str> = MIGRATIONS[1..].iter().map(|m| m.name).collect();
-        assert_eq!(migrate(&mut conn, "mem").unwrap(), applied);
+        assert_eq!(
+            migrate(&mut conn, "mem").unwrap(),
+            MIGRATIONS[1..].iter().map(|m| m.name).collect::<Vec<_>>()
+        );
         let owner: String = conn
             .query_row(
                 "SELECT owner FROM ijam_networks WHERE id = 'lab'",
@@ -218,6 +234,33 @@ mod tests {
             )
             .unwrap();
         assert_eq!(owner, "alice");
+    }
+
+    #[test]
+    fn version_4_reads_every_earlier_network_as_owner_and_every_passphrase_as_unminted() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(V1).unwrap();
+        conn.execute_batch(
+            "INSERT INTO networks (id, owner, name, created_ms) VALUES ('lab', 'alice', 'lab', 7);
+             INSERT INTO passphrases (network, hash, node_name, created_ms)
+                 VALUES ('lab', x'00', 'n1', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn, "mem").unwrap();
+        let (rule, for_node): (String, Option<String>) = conn
+            .query_row(
+                "SELECT n.reregistration, p.for_node FROM ijam_networks n
+                 JOIN ijam_passphrases p ON p.network = n.id",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((rule.as_str(), for_node), ("owner", None));
+        let refused = conn.execute(
+            "UPDATE ijam_networks SET reregistration = 'anyone' WHERE id = 'lab'",
+            [],
+        );
+        assert!(refused.is_err(), "only the two rules are stored");
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use registrar::store::StoreError;
 use registrar::store::ijam::{
     IjamStore, Network, NewPassphrase, Node, NodeStatus, PassphraseHash, PendingPassphrase,
-    RegisterOp, RegisterOutcome, ReplayKey, SealedNodeKey, StateFrameDigest, StoredNodeKey,
-    StoredPassphrase, TransitionOutcome,
+    RegisterOp, RegisterOutcome, ReplayKey, Reregistration, SealedNodeKey, StateFrameDigest,
+    StoredNodeKey, StoredPassphrase, TransitionOutcome,
 };
 use uuid::Uuid;
 
@@ -37,7 +37,11 @@ crate::store::battery!(crate::store::ijam;
         revoke_node,
         nodes_sorted,
         import_node_writes_a_node_as_it_stands,
-        legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged;
+        legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged,
+        networks_keep_their_reregistration_rule,
+        a_passphrase_is_minted_only_for_a_node_of_its_network,
+        a_passphrase_minted_for_a_node_reregisters_that_node_only,
+        the_minted_rule_refuses_a_plain_passphrase_on_an_existing_node;
     shared: concurrent_registrations,
 );
 
@@ -57,7 +61,7 @@ fn bytes(label: &str) -> [u8; 32] {
     out
 }
 
-fn hash(label: &str) -> PassphraseHash {
+pub(super) fn hash(label: &str) -> PassphraseHash {
     PassphraseHash(bytes(&format!("pp:{label}")))
 }
 
@@ -74,7 +78,7 @@ fn sealed(label: &str) -> StoredNodeKey {
 }
 
 /// The sealed key of registration `label` as the flow seals it for node `node`.
-fn sealed_for(label: &str, node: Uuid) -> StoredNodeKey {
+pub(super) fn sealed_for(label: &str, node: Uuid) -> StoredNodeKey {
     sealed(&format!("{label} for {node}"))
 }
 
@@ -97,20 +101,21 @@ fn fresh_frame() -> StateFrameDigest {
     StateFrameDigest(bytes(&format!("frame:{n}")))
 }
 
-fn id(n: u128) -> Uuid {
+pub(super) fn id(n: u128) -> Uuid {
     Uuid::from_u128(0x1000_0000_0000_4000_8000_0000_0000_0000 + n)
 }
 
-fn pp(label: &str, node_name: &str, expires_ms: Option<i64>) -> NewPassphrase {
+pub(super) fn pp(label: &str, node_name: &str, expires_ms: Option<i64>) -> NewPassphrase {
     NewPassphrase {
         passphrase: stored(label),
         node_name: node_name.to_owned(),
         expires_ms,
+        for_node: None,
     }
 }
 
 /// A registration with passphrase `label`, replay key `label`, fresh id `fresh`.
-fn op(network: &str, label: &str, fresh: Uuid) -> RegisterOp {
+pub(super) fn op(network: &str, label: &str, fresh: Uuid) -> RegisterOp {
     RegisterOp {
         network: network.to_owned(),
         passphrase: stored(label),
@@ -127,7 +132,12 @@ fn op(network: &str, label: &str, fresh: Uuid) -> RegisterOp {
 }
 
 /// [`op`] naming node `requested`, its key sealed for that id as well.
-fn op_requesting(network: &str, label: &str, fresh: Uuid, requested: Uuid) -> RegisterOp {
+pub(super) fn op_requesting(
+    network: &str,
+    label: &str,
+    fresh: Uuid,
+    requested: Uuid,
+) -> RegisterOp {
     RegisterOp {
         requested_id: Some(requested),
         requested_node_key: Some(sealed_for(label, requested)),
@@ -135,10 +145,21 @@ fn op_requesting(network: &str, label: &str, fresh: Uuid, requested: Uuid) -> Re
     }
 }
 
-async fn network_with<S: IjamStore>(s: &S, net: &str, owner: &str, pps: &[(&str, &str)]) {
-    s.create_network(net, owner, &format!("{net} name"), NOW - 1000)
-        .await
-        .expect("create");
+pub(super) async fn network_with<S: IjamStore>(
+    s: &S,
+    net: &str,
+    owner: &str,
+    pps: &[(&str, &str)],
+) {
+    s.create_network(
+        net,
+        owner,
+        &format!("{net} name"),
+        Reregistration::Owner,
+        NOW - 1000,
+    )
+    .await
+    .expect("create");
     let batch = pps
         .iter()
         .map(|(label, name)| pp(label, name, None))
@@ -149,7 +170,7 @@ async fn network_with<S: IjamStore>(s: &S, net: &str, owner: &str, pps: &[(&str,
 }
 
 /// Registers a node through a fresh passphrase and returns its id.
-async fn new_node<S: IjamStore>(s: &S, net: &str, label: &str, fresh: Uuid) -> Uuid {
+pub(super) async fn new_node<S: IjamStore>(s: &S, net: &str, label: &str, fresh: Uuid) -> Uuid {
     s.add_passphrases(
         net,
         vec![pp(label, &format!("node-{label}"), None)],
@@ -182,7 +203,7 @@ async fn snapshot<S: IjamStore>(
 pub async fn networks_create_get_list<S: IjamStore>(s: &S) {
     assert_eq!(s.networks().await.unwrap(), vec![]);
     let b = s
-        .create_network("beta", "bob", "Beta net", NOW)
+        .create_network("beta", "bob", "Beta net", Reregistration::Owner, NOW)
         .await
         .unwrap();
     assert_eq!(b.id, "beta");
@@ -191,7 +212,13 @@ pub async fn networks_create_get_list<S: IjamStore>(s: &S) {
     assert_eq!(b.created_ms, NOW);
     assert_eq!((b.pending_passphrases, b.nodes), (0, 0));
     let a = s
-        .create_network("alpha", "alice", "Alpha net", NOW + 1)
+        .create_network(
+            "alpha",
+            "alice",
+            "Alpha net",
+            Reregistration::Owner,
+            NOW + 1,
+        )
         .await
         .unwrap();
 
@@ -204,7 +231,10 @@ pub async fn networks_create_get_list<S: IjamStore>(s: &S) {
         "sorted by id"
     );
 
-    match s.create_network("beta", "mallory", "Other", NOW + 2).await {
+    match s
+        .create_network("beta", "mallory", "Other", Reregistration::Owner, NOW + 2)
+        .await
+    {
         Err(StoreError::NetworkExists(net)) => assert_eq!(net, "beta"),
         other => panic!("expected NetworkExists, got {other:?}"),
     }
@@ -217,7 +247,9 @@ pub async fn networks_create_get_list<S: IjamStore>(s: &S) {
 }
 
 pub async fn passphrases_add_and_list<S: IjamStore>(s: &S) {
-    s.create_network("net", "alice", "Net", NOW).await.unwrap();
+    s.create_network("net", "alice", "Net", Reregistration::Owner, NOW)
+        .await
+        .unwrap();
     assert_eq!(s.passphrases("net").await.unwrap(), vec![]);
     s.add_passphrases(
         "net",
@@ -243,17 +275,20 @@ pub async fn passphrases_add_and_list<S: IjamStore>(s: &S) {
             PendingPassphrase {
                 node_name: "eta".into(),
                 created_ms: NOW + 10,
-                expires_ms: None
+                expires_ms: None,
+                for_node: None,
             },
             PendingPassphrase {
                 node_name: "zeta".into(),
                 created_ms: NOW + 10,
                 expires_ms: Some(NOW + 5000),
+                for_node: None,
             },
             PendingPassphrase {
                 node_name: "alpha|pipe".into(),
                 created_ms: NOW + 20,
                 expires_ms: Some(NOW - 1),
+                for_node: None,
             },
         ]
     );
@@ -272,7 +307,9 @@ pub async fn passphrase_batch_is_all_or_nothing<S: IjamStore>(s: &S) {
     }
     assert_eq!(s.network("nowhere").await.unwrap(), None);
 
-    s.create_network("net", "alice", "Net", NOW).await.unwrap();
+    s.create_network("net", "alice", "Net", Reregistration::Owner, NOW)
+        .await
+        .unwrap();
     s.add_passphrases("net", vec![pp("taken", "node-1", None)], NOW)
         .await
         .unwrap();
@@ -421,7 +458,9 @@ pub async fn delete_network_takes_its_nodes_and_passphrases<S: IjamStore>(s: &S)
         s.register(op("gone", "a", id(4))).await.unwrap(),
         RegisterOutcome::InvalidPassphrase
     );
-    s.create_network("gone", "bob", "again", NOW).await.unwrap();
+    s.create_network("gone", "bob", "again", Reregistration::Owner, NOW)
+        .await
+        .unwrap();
     for label in ["a", "c"] {
         assert_eq!(
             s.register(op("gone", label, id(5))).await.unwrap(),
@@ -505,7 +544,7 @@ pub async fn register_unknown_network<S: IjamStore>(s: &S) {
 }
 
 pub async fn register_expired_passphrase<S: IjamStore>(s: &S) {
-    s.create_network("net", "alice", "Net", NOW - 1000)
+    s.create_network("net", "alice", "Net", Reregistration::Owner, NOW - 1000)
         .await
         .unwrap();
     s.add_passphrases(
@@ -1235,4 +1274,396 @@ pub async fn legacy_sealed_keys_are_listed_and_replaced_only_while_unchanged<S: 
         panic!("registered with a sealed key")
     };
     assert!(!bound_key.is_legacy());
+}
+
+// ---- re-registration: passphrases minted for a node, the network's rule ------------
+
+pub(super) fn pp_for(label: &str, node_name: &str, node: Uuid) -> NewPassphrase {
+    NewPassphrase {
+        for_node: Some(node),
+        ..pp(label, node_name, None)
+    }
+}
+
+/// Everything observable in the store, network by network.
+async fn everything<S: IjamStore>(
+    s: &S,
+) -> Vec<(Option<Network>, Vec<PendingPassphrase>, Vec<Node>)> {
+    let mut all = Vec::new();
+    for net in s.networks().await.unwrap() {
+        all.push(snapshot(s, &net.id).await);
+    }
+    all
+}
+
+pub async fn networks_keep_their_reregistration_rule<S: IjamStore>(s: &S) {
+    let plain = s
+        .create_network("plain", "alice", "Plain", Reregistration::Owner, NOW)
+        .await
+        .unwrap();
+    assert_eq!(plain.reregistration, Reregistration::Owner);
+    let strict = s
+        .create_network("strict", "alice", "Strict", Reregistration::Minted, NOW)
+        .await
+        .unwrap();
+    assert_eq!(strict.reregistration, Reregistration::Minted);
+    assert_eq!(s.network("strict").await.unwrap(), Some(strict.clone()));
+    assert_eq!(
+        s.networks().await.unwrap(),
+        vec![plain.clone(), strict.clone()]
+    );
+
+    let relaxed = s
+        .set_reregistration("strict", Reregistration::Owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        relaxed,
+        Network {
+            reregistration: Reregistration::Owner,
+            ..strict
+        }
+    );
+    assert_eq!(s.network("strict").await.unwrap(), Some(relaxed));
+    let tightened = s
+        .set_reregistration("plain", Reregistration::Minted)
+        .await
+        .unwrap();
+    assert_eq!(
+        tightened,
+        Network {
+            reregistration: Reregistration::Minted,
+            ..plain
+        }
+    );
+    assert_eq!(
+        s.set_reregistration("plain", Reregistration::Minted)
+            .await
+            .unwrap(),
+        tightened,
+        "setting the rule it has changes nothing"
+    );
+    assert_eq!(s.network("plain").await.unwrap(), Some(tightened));
+
+    match s
+        .set_reregistration("nowhere", Reregistration::Minted)
+        .await
+    {
+        Err(StoreError::UnknownNetwork(net)) => assert_eq!(net, "nowhere"),
+        other => panic!("expected UnknownNetwork, got {other:?}"),
+    }
+    assert_eq!(s.network("nowhere").await.unwrap(), None, "nothing made");
+    assert_eq!(s.networks().await.unwrap().len(), 2);
+}
+
+pub async fn a_passphrase_is_minted_only_for_a_node_of_its_network<S: IjamStore>(s: &S) {
+    network_with(s, "net", "alice", &[]).await;
+    network_with(s, "other", "alice", &[]).await;
+    network_with(s, "bobs", "bob", &[]).await;
+    let node = new_node(s, "net", "n", id(1)).await;
+    let elsewhere = new_node(s, "other", "o", id(2)).await;
+    let bobs = new_node(s, "bobs", "b", id(3)).await;
+
+    s.add_passphrases("net", vec![pp_for("for-1", "again-1", node)], NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.passphrases("net").await.unwrap(),
+        vec![PendingPassphrase {
+            node_name: "again-1".into(),
+            created_ms: NOW,
+            expires_ms: None,
+            for_node: Some(node),
+        }]
+    );
+
+    // Another network's node (of the same owner or not), or no node: the whole batch
+    // is refused.
+    let before = everything(s).await;
+    for stranger in [elsewhere, bobs, id(404)] {
+        match s
+            .add_passphrases(
+                "net",
+                vec![
+                    pp("plain", "plain-1", None),
+                    pp_for("for-x", "again-x", stranger),
+                ],
+                NOW,
+            )
+            .await
+        {
+            Err(StoreError::NodeNotInNetwork { network, node }) => {
+                assert_eq!((network.as_str(), node), ("net", stranger));
+            }
+            other => panic!("expected NodeNotInNetwork, got {other:?}"),
+        }
+        assert_eq!(everything(s).await, before, "{stranger}: all or none");
+    }
+    assert_eq!(s.node(id(404)).await.unwrap(), None);
+
+    // The refused secrets and names are free; a passphrase for any use is for no node.
+    s.add_passphrases(
+        "net",
+        vec![
+            pp("plain", "plain-1", None),
+            pp_for("for-x", "again-x", node),
+        ],
+        NOW + 1,
+    )
+    .await
+    .unwrap();
+    let listed: Vec<(String, Option<Uuid>)> = s
+        .passphrases("net")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.node_name, p.for_node))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("again-1".to_owned(), Some(node)),
+            ("again-x".to_owned(), Some(node)),
+            ("plain-1".to_owned(), None)
+        ]
+    );
+}
+
+/// A passphrase minted for node X re-registers X only: the registration names X, and
+/// X is in the passphrase's network and not revoked. Whatever else it is offered for
+/// gets `InvalidPassphrase`, and it stays pending. The same under either rule.
+pub async fn a_passphrase_minted_for_a_node_reregisters_that_node_only<S: IjamStore>(s: &S) {
+    for (rule, base) in [(Reregistration::Owner, 0), (Reregistration::Minted, 100)] {
+        let net = rule.as_str();
+        let other = format!("{net}-2");
+        s.create_network(net, "alice", net, rule, NOW - 1000)
+            .await
+            .unwrap();
+        network_with(s, &other, "alice", &[("move", "moved")]).await;
+        let x = new_node(s, net, &format!("x{base}"), id(base + 1)).await;
+        let y = new_node(s, net, &format!("y{base}"), id(base + 2)).await;
+        let moved = new_node(s, net, &format!("m{base}"), id(base + 3)).await;
+        let revoked = new_node(s, net, &format!("r{base}"), id(base + 4)).await;
+        s.revoke_node(revoked).await.unwrap();
+        s.add_passphrases(
+            net,
+            vec![
+                pp_for("for-x", "x-again", x),
+                pp_for("for-moved", "moved-again", moved),
+                pp_for("for-revoked", "revoked-again", revoked),
+            ],
+            NOW - 100,
+        )
+        .await
+        .unwrap();
+        // `moved` leaves for another network of alice's (its rule is `owner`).
+        assert_eq!(
+            s.register(op_requesting(&other, "move", id(base + 5), moved))
+                .await
+                .unwrap(),
+            RegisterOutcome::Reregistered { node_id: moved }
+        );
+        s.transition(x, NodeStatus::Online, "192.0.2.1", NOW - 50, fresh_frame())
+            .await
+            .unwrap();
+
+        let before = everything(s).await;
+        for (what, request) in [
+            ("no id", op(net, "for-x", id(base + 10))),
+            (
+                "another node",
+                op_requesting(net, "for-x", id(base + 11), y),
+            ),
+            (
+                "an unknown id",
+                op_requesting(net, "for-x", id(base + 12), id(base + 99)),
+            ),
+            (
+                "its node, moved to another network",
+                op_requesting(net, "for-moved", id(base + 13), moved),
+            ),
+            (
+                "its node, revoked",
+                op_requesting(net, "for-revoked", id(base + 14), revoked),
+            ),
+        ] {
+            assert_eq!(
+                s.register(request).await.unwrap(),
+                RegisterOutcome::InvalidPassphrase,
+                "{net}: {what}"
+            );
+            assert_eq!(
+                everything(s).await,
+                before,
+                "{net}: {what}: nothing changes, nothing is consumed"
+            );
+        }
+        for n in [10, 11, 12, 13, 14, 99] {
+            assert_eq!(s.node(id(base + n)).await.unwrap(), None, "{net}: {n}");
+        }
+
+        let original = s.node(x).await.unwrap().unwrap();
+        let mut request = op_requesting(net, "for-x", id(base + 20), x);
+        request.now_ms = NOW + 100;
+        assert_eq!(
+            s.register(request.clone()).await.unwrap(),
+            RegisterOutcome::Reregistered { node_id: x },
+            "{net}"
+        );
+        assert_eq!(
+            s.node(x).await.unwrap(),
+            Some(Node {
+                name: "x-again".into(),
+                status: NodeStatus::Offline,
+                key: sealed_for("for-x", x),
+                registered_ms: NOW + 100,
+                ..original
+            }),
+            "{net}"
+        );
+        assert_eq!(s.node(id(base + 20)).await.unwrap(), None);
+        assert_eq!(
+            names(&s.passphrases(net).await.unwrap()),
+            ["moved-again", "revoked-again"],
+            "{net}: used"
+        );
+        // Its byte-identical retry gets the same answer; another request, the 401.
+        request.now_ms = NOW + 110;
+        let after = everything(s).await;
+        assert_eq!(
+            s.register(request.clone()).await.unwrap(),
+            RegisterOutcome::Replayed { node_id: x },
+            "{net}"
+        );
+        request.replay_key = replay("another request");
+        assert_eq!(
+            s.register(request).await.unwrap(),
+            RegisterOutcome::InvalidPassphrase,
+            "{net}"
+        );
+        assert_eq!(everything(s).await, after, "{net}");
+    }
+}
+
+/// In a network whose rule is `minted`, re-registering an existing node of the owner
+/// takes a passphrase minted for it; any other passphrase gets `InvalidPassphrase` and
+/// stays pending. What is not a re-registration goes as under `owner`.
+pub async fn the_minted_rule_refuses_a_plain_passphrase_on_an_existing_node<S: IjamStore>(s: &S) {
+    s.create_network(
+        "strict",
+        "alice",
+        "Strict",
+        Reregistration::Minted,
+        NOW - 1000,
+    )
+    .await
+    .unwrap();
+    network_with(s, "loose", "alice", &[("q", "q")]).await;
+    network_with(s, "bobs", "bob", &[]).await;
+    let mine = new_node(s, "strict", "mine", id(1)).await;
+    let in_loose = new_node(s, "loose", "l", id(2)).await;
+    let bobs = new_node(s, "bobs", "b", id(3)).await;
+    let revoked = new_node(s, "strict", "r", id(4)).await;
+    s.revoke_node(revoked).await.unwrap();
+    let pps = [("p1", "p1"), ("p2", "p2"), ("p3", "p3"), ("p4", "p4")];
+    s.add_passphrases(
+        "strict",
+        pps.iter()
+            .map(|(label, name)| pp(label, name, None))
+            .collect(),
+        NOW - 100,
+    )
+    .await
+    .unwrap();
+
+    // An existing node of alice's, in this network or another: refused.
+    let before = everything(s).await;
+    for node in [mine, in_loose] {
+        assert_eq!(
+            s.register(op_requesting("strict", "p1", id(10), node))
+                .await
+                .unwrap(),
+            RegisterOutcome::InvalidPassphrase,
+            "{node}"
+        );
+        assert_eq!(everything(s).await, before, "{node}: nothing changes");
+    }
+    assert_eq!(s.node(id(10)).await.unwrap(), None);
+
+    // No id, an unknown id, bob's node, a revoked node: as under `owner`.
+    assert_eq!(
+        s.register(op("strict", "p1", id(11))).await.unwrap(),
+        RegisterOutcome::Created { node_id: id(11) },
+        "the refused passphrase was not consumed"
+    );
+    assert_eq!(
+        s.register(op_requesting("strict", "p2", id(12), id(50)))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(50) }
+    );
+    let bobs_before = s.node(bobs).await.unwrap();
+    assert_eq!(
+        s.register(op_requesting("strict", "p3", id(13), bobs))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(13) }
+    );
+    assert_eq!(s.node(bobs).await.unwrap(), bobs_before);
+    let revoked_before = s.node(revoked).await.unwrap();
+    assert_eq!(
+        s.register(op_requesting("strict", "p4", id(14), revoked))
+            .await
+            .unwrap(),
+        RegisterOutcome::Created { node_id: id(14) }
+    );
+    assert_eq!(s.node(revoked).await.unwrap(), revoked_before);
+
+    // A passphrase minted for the node re-registers it.
+    s.add_passphrases("strict", vec![pp_for("m", "mine-again", mine)], NOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.register(op_requesting("strict", "m", id(15), mine))
+            .await
+            .unwrap(),
+        RegisterOutcome::Reregistered { node_id: mine }
+    );
+    assert_eq!(key_of(s, mine).await, sealed_for("m", mine));
+
+    // The rule is read at each registration: back to `owner`, the refused passphrase
+    // re-registers; its retry is answered from the replay record under either rule.
+    s.add_passphrases("strict", vec![pp("p5", "p5", None)], NOW)
+        .await
+        .unwrap();
+    let plain = op_requesting("strict", "p5", id(16), mine);
+    assert_eq!(
+        s.register(plain.clone()).await.unwrap(),
+        RegisterOutcome::InvalidPassphrase
+    );
+    s.set_reregistration("strict", Reregistration::Owner)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.register(plain.clone()).await.unwrap(),
+        RegisterOutcome::Reregistered { node_id: mine }
+    );
+    s.set_reregistration("strict", Reregistration::Minted)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.register(plain).await.unwrap(),
+        RegisterOutcome::Replayed { node_id: mine }
+    );
+    assert_eq!(key_of(s, mine).await, sealed_for("p5", mine));
+
+    // The rule is the registering network's: a passphrase of an `owner` network of
+    // alice's re-registers (and moves) a node of her `minted` one (schemas/ijam.md).
+    assert_eq!(
+        s.register(op_requesting("loose", "q", id(17), mine))
+            .await
+            .unwrap(),
+        RegisterOutcome::Reregistered { node_id: mine }
+    );
+    assert_eq!(s.node(mine).await.unwrap().unwrap().network, "loose");
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use registrar::core::crypto::ecdsa::SigningKey;
 use registrar::core::ids::DeviceId;
 use registrar::store::Creation;
-use registrar::store::ijam::{IjamStore, NodeStatus, StoredNodeKey};
+use registrar::store::ijam::{IjamStore, NodeStatus, Reregistration, StoredNodeKey};
 use registrar::store::pubkey::{DeviceStatus, PubkeyStore};
 use registrar::store::sqlite::SqliteStore;
 use registrar::store::sqlite::migrations::{MIGRATIONS, version};
@@ -79,14 +79,19 @@ async fn a_release_0_1_store_is_upgraded_in_place_and_keeps_everything() {
         ("alice", 2, 1)
     );
     assert_eq!(store.network("empty").await.unwrap().unwrap().owner, "bob");
-    let names: Vec<String> = store
+    // Its networks keep the original re-registration rule, its passphrases any use.
+    assert_eq!(lab.reregistration, Reregistration::Owner);
+    let pending: Vec<(String, Option<Uuid>)> = store
         .passphrases("lab")
         .await
         .unwrap()
         .into_iter()
-        .map(|p| p.node_name)
+        .map(|p| (p.node_name, p.for_node))
         .collect();
-    assert_eq!(names, ["pending-1", "pending-2"]);
+    assert_eq!(
+        pending,
+        [("pending-1".into(), None), ("pending-2".into(), None)]
+    );
     let (id, _) = released_node();
     let node = store.node(id).await.unwrap().unwrap();
     assert_eq!(

@@ -98,8 +98,13 @@ pub mod backends {
 mod redis {
     use registrar::store::StoreError;
     use registrar::store::Stores;
-    use registrar::store::ijam::{IjamStore, NodeStatus, StateFrameDigest, TransitionOutcome};
+    use registrar::store::ijam::{
+        IjamStore, NodeStatus, PendingPassphrase, RegisterOutcome, Reregistration,
+        StateFrameDigest, TransitionOutcome,
+    };
     use registrar::store::redis::RedisStore;
+
+    use super::ijam::{hash, id, new_node, op_requesting, pp_for};
 
     use crate::support::redis_server::PrivateRedis;
 
@@ -145,13 +150,16 @@ mod redis {
         };
         let store = RedisStore::connect(&server.url()).await.expect("connect");
         store
-            .create_network("net", "alice", "Net", 1)
+            .create_network("net", "alice", "Net", Reregistration::Owner, 1)
             .await
             .expect("create");
         server.restart();
         let mut recovered = false;
         for _ in 0..3 {
-            match store.create_network("net", "alice", "Net", 2).await {
+            match store
+                .create_network("net", "alice", "Net", Reregistration::Owner, 2)
+                .await
+            {
                 Ok(n) => {
                     assert_eq!(n.created_ms, 2, "the restarted server is empty");
                     recovered = true;
@@ -169,6 +177,68 @@ mod redis {
                 .await
                 .unwrap(),
             TransitionOutcome::UnknownNode
+        );
+    }
+
+    /// Records written before the re-registration rules: a network record without
+    /// `reregistration` follows `owner`, and a passphrase entry without `for:` is for
+    /// any use. One minted for a node leads with `for:<uuid>|`.
+    #[tokio::test]
+    async fn records_from_before_the_rules_read_as_owner_and_for_any_use() {
+        use ::redis::Commands;
+        let Some(server) = PrivateRedis::start() else {
+            return;
+        };
+        let store = RedisStore::connect(&server.url()).await.expect("connect");
+        store
+            .create_network("net", "alice", "Net", Reregistration::Minted, 1)
+            .await
+            .unwrap();
+        let node = new_node(&store, "net", "n", id(1)).await;
+        store
+            .add_passphrases("net", vec![pp_for("for-n", "n-again", node)], 3)
+            .await
+            .unwrap();
+        let mut conn = ::redis::Client::open(server.url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let entries: Vec<String> = conn.hvals("rg:{own:alice}:net:net:pp").unwrap();
+        assert_eq!(entries, [format!("for:{node}|3||n-again")]);
+
+        // As create_network.lua and add_passphrases.lua wrote them before the rules.
+        let _: () = conn
+            .hdel("rg:{own:alice}:net:net", "reregistration")
+            .unwrap();
+        let _: () = conn.del("rg:{own:alice}:net:net:pp").unwrap();
+        let _: () = conn.del("rg:{own:alice}:net:net:ppnames").unwrap();
+        let hash = hex::encode(hash("old").0);
+        let _: () = conn
+            .hset("rg:{own:alice}:net:net:pp", &hash, "5||old-node")
+            .unwrap();
+        let _: () = conn
+            .hset("rg:{own:alice}:net:net:ppnames", "old-node", &hash)
+            .unwrap();
+        assert_eq!(
+            store.network("net").await.unwrap().unwrap().reregistration,
+            Reregistration::Owner
+        );
+        assert_eq!(
+            store.passphrases("net").await.unwrap(),
+            vec![PendingPassphrase {
+                node_name: "old-node".into(),
+                created_ms: 5,
+                expires_ms: None,
+                for_node: None,
+            }]
+        );
+        assert_eq!(
+            store
+                .register(op_requesting("net", "old", id(2), node))
+                .await
+                .unwrap(),
+            RegisterOutcome::Reregistered { node_id: node },
+            "the original rule, with a passphrase for any use"
         );
     }
 }

@@ -16,6 +16,10 @@
 --        {'created', id} | {'reregistered', id}
 -- 'claim': the passphrase is good and the requested id is nowhere: the caller claims
 -- the id in the node index and runs the script again. Nothing was written.
+-- 'invalid': no such passphrase, expired, minted for another use (a passphrase minted
+-- for a node re-registers that node only: named, in this network, not revoked), or a
+-- re-registration the network's rule refuses ('minted': an existing node of the owner
+-- takes a passphrase minted for it). Nothing was written.
 -- Error: 'RGCORRUPT ...' when a stored record cannot be read, the fresh id is taken, or
 -- no key was sealed for the id picked.
 --
@@ -37,12 +41,14 @@ if replayed then
   return {'replayed', replayed}
 end
 
--- 2. The passphrase must be pending in this network and not expired.
+-- 2. The passphrase must be pending in this network and not expired. One minted for a
+-- node leads with 'for:<uuid>|'.
 local entry = redis.call('HGET', pp_key, pp_hash)
 if not entry then
   return {'invalid'}
 end
-local created, expires, name = string.match(entry, '^(%-?%d+)|(%-?%d*)|(.*)$')
+local minted_for, rest = string.match(entry, '^for:([%x%-]+)|(.*)$')
+local created, expires, name = string.match(rest or entry, '^(%-?%d+)|(%-?%d*)|(.*)$')
 if not created then
   return redis.error_reply('RGCORRUPT passphrase entry in ' .. pp_key)
 end
@@ -50,12 +56,32 @@ if expires ~= '' and tonumber(expires) <= tonumber(now) then
   return {'invalid'}
 end
 
--- 3. (decided before any write) Re-register, create under the requested id, or fresh;
+-- 3. Who may re-register: a passphrase minted for a node only that node, named, in
+-- this network and not revoked; under the network's rule 'minted' (a record from
+-- before the rules has none: 'owner'), no other passphrase an existing node.
+local rule = redis.call('HGET', net_key, 'reregistration') or 'owner'
+if rule ~= 'owner' and rule ~= 'minted' then
+  return redis.error_reply('RGCORRUPT re-registration rule of ' .. net_key)
+end
+local rec = {false, false}
+if requested_key then
+  rec = redis.call('HMGET', requested_key, 'status', 'network')
+end
+-- A record in this slot is the owner's node.
+local reregisterable = rec[1] and rec[1] ~= 'revoked'
+if minted_for then
+  if minted_for ~= requested_id or not reregisterable or rec[2] ~= network then
+    return {'invalid'}
+  end
+elseif rule == 'minted' and reregisterable then
+  return {'invalid'}
+end
+
+-- 4. (decided before any write) Re-register, create under the requested id, or fresh;
 -- the node key kept is the one sealed for that id (bound to it).
 local outcome, id, node_key, sealed = 'created', fresh_id, fresh_key, fresh_sealed
 local old_network
 if requested_key then
-  local rec = redis.call('HMGET', requested_key, 'status', 'network')
   if rec[1] then
     if rec[1] ~= 'revoked' then
       outcome, id, node_key, old_network = 'reregistered', requested_id, requested_key, rec[2]
@@ -77,13 +103,13 @@ if sealed == '' then
   return redis.error_reply('RGCORRUPT no node key sealed for ' .. id)
 end
 
--- 4. Consume the passphrase.
+-- 5. Consume the passphrase.
 redis.call('HDEL', pp_key, pp_hash)
 if redis.call('HGET', ppnames_key, name) == pp_hash then
   redis.call('HDEL', ppnames_key, name)
 end
 
--- 5. Write the node and its membership (members are '<network>\0<id>').
+-- 6. Write the node and its membership (members are '<network>\0<id>').
 if outcome == 'reregistered' then
   redis.call('HSET', node_key, 'network', network, 'name', name, 'type', node_type,
     'arch', arch, 'status', 'offline', 'key', sealed, 'registered_ms', now)
@@ -95,7 +121,7 @@ else
 end
 redis.call('ZADD', nodes_key, 0, network .. '\0' .. id)
 
--- 6. Remember the answer for retries.
+-- 7. Remember the answer for retries.
 if ttl and ttl > 0 then
   redis.call('SET', replay_key, id, 'PX', ARGV[4])
 end
