@@ -213,6 +213,7 @@ impl RedisStore {
             ];
             if let Some(id) = op.requested_id {
                 script_keys.push(slot.node(id));
+                script_keys.push(slot.minted_networks());
             }
             let args = [
                 op.network.clone(),
@@ -324,11 +325,12 @@ impl IjamStore for RedisStore {
             .inner
             .run(
                 &self.scripts.create_network,
-                &[Owner(owner).network(id)],
+                &[Owner(owner).network(id), Owner(owner).minted_networks()],
                 &[
                     name.to_owned(),
                     now_ms.to_string(),
                     reregistration.as_str().to_owned(),
+                    id.to_owned(),
                 ],
             )
             .await?;
@@ -361,8 +363,8 @@ impl IjamStore for RedisStore {
             .inner
             .run(
                 &self.scripts.set_reregistration,
-                &[Owner(&owner).network(id)],
-                &[reregistration.as_str().to_owned()],
+                &[Owner(&owner).network(id), Owner(&owner).minted_networks()],
+                &[reregistration.as_str().to_owned(), id.to_owned()],
             )
             .await?;
         match tag(&reply) {
@@ -444,6 +446,9 @@ impl IjamStore for RedisStore {
             pipe.del(replays).ignore();
         }
         pipe.del(keys::network_owner(id)).ignore();
+        // Harmless if left (no node is in a deleted network; a network made again
+        // under the id sets its own entry), but not kept for nothing.
+        pipe.srem(slot.minted_networks(), id).ignore();
         self.inner.query::<()>(&pipe).await?;
         forget(&self.ijam.network_owners, &id.to_owned());
         Ok(members.len() as u64)

@@ -71,6 +71,12 @@ impl Owner<'_> {
         format!("{}:nodes", self.prefix())
     }
 
+    /// The ids of the owner's networks under the rule `minted`: a set. A registration
+    /// in any network of the owner checks the rule of the network the named node is in.
+    pub fn minted_networks(&self) -> String {
+        format!("{}:minted", self.prefix())
+    }
+
     /// A node's record.
     pub fn node(&self, node: Uuid) -> String {
         format!("{}:node:{}", self.prefix(), node.hyphenated())

@@ -18,6 +18,23 @@ const NETWORK_COLUMNS: &str = "id, owner, name, created_ms, reregistration,
      (SELECT count(*) FROM ijam_passphrases WHERE network = n.id),
      (SELECT count(*) FROM ijam_nodes WHERE network = n.id)";
 
+/// A network's re-registration rule, if it exists.
+fn network_rule(conn: &Connection, id: &str) -> Result<Option<Reregistration>, StoreError> {
+    let rule: Option<String> = conn
+        .row(
+            "SELECT reregistration FROM ijam_networks WHERE id = ?1",
+            [id],
+            |row| row.get(0),
+        )
+        .optional()
+        .db()?;
+    rule.map(|r| {
+        Reregistration::parse(&r)
+            .ok_or_else(|| StoreError::Corrupt(format!("network {id:?} with rule {r:?}")))
+    })
+    .transpose()
+}
+
 fn read_network(conn: &Connection, id: &str) -> Result<Option<Network>, StoreError> {
     conn.row(
         &format!("SELECT {NETWORK_COLUMNS} FROM ijam_networks n WHERE id = ?1"),
@@ -195,6 +212,12 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
     let reregisterable = existing
         .as_ref()
         .is_some_and(|node| node.owner == usable.owner && node.status != NodeStatus::Revoked);
+    let node_network_minted = match &existing {
+        Some(node) if reregisterable => {
+            network_rule(conn, &node.network)? == Some(Reregistration::Minted)
+        }
+        _ => false,
+    };
     match usable.for_node {
         Some(minted_for) => {
             let names_it = op.requested_id == Some(minted_for)
@@ -205,7 +228,11 @@ fn register(conn: &Connection, op: RegisterOp) -> Result<RegisterOutcome, StoreE
                 return Ok(RegisterOutcome::InvalidPassphrase);
             }
         }
-        None if usable.reregistration == Reregistration::Minted && reregisterable => {
+        // The rule of this network, and of the network the node is in: else a spare
+        // passphrase of another network of the owner would take it over (and move it).
+        None if reregisterable
+            && (usable.reregistration == Reregistration::Minted || node_network_minted) =>
+        {
             return Ok(RegisterOutcome::InvalidPassphrase);
         }
         None => {}

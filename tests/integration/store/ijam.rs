@@ -1456,13 +1456,18 @@ pub async fn a_passphrase_minted_for_a_node_reregisters_that_node_only<S: IjamSt
         )
         .await
         .unwrap();
-        // `moved` leaves for another network of alice's (its rule is `owner`).
+        // `moved` leaves for another network of alice's (its rule is `owner`); out of a
+        // `minted` network only while the operator lifts the rule.
+        s.set_reregistration(net, Reregistration::Owner)
+            .await
+            .unwrap();
         assert_eq!(
             s.register(op_requesting(&other, "move", id(base + 5), moved))
                 .await
                 .unwrap(),
             RegisterOutcome::Reregistered { node_id: moved }
         );
+        s.set_reregistration(net, rule).await.unwrap();
         s.transition(x, NodeStatus::Online, "192.0.2.1", NOW - 50, fresh_frame())
             .await
             .unwrap();
@@ -1558,9 +1563,17 @@ pub async fn the_minted_rule_refuses_a_plain_passphrase_on_an_existing_node<S: I
     )
     .await
     .unwrap();
-    network_with(s, "loose", "alice", &[("q", "q")]).await;
+    network_with(s, "loose", "alice", &[("q", "q"), ("q0", "q0")]).await;
     network_with(s, "bobs", "bob", &[]).await;
     let mine = new_node(s, "strict", "mine", id(1)).await;
+    // The rule of the network a node is in holds from its creation: a spare passphrase
+    // of alice's `owner` network does not take the node over.
+    assert_eq!(
+        s.register(op_requesting("loose", "q0", id(9), mine))
+            .await
+            .unwrap(),
+        RegisterOutcome::InvalidPassphrase
+    );
     let in_loose = new_node(s, "loose", "l", id(2)).await;
     let bobs = new_node(s, "bobs", "b", id(3)).await;
     let revoked = new_node(s, "strict", "r", id(4)).await;
@@ -1657,13 +1670,22 @@ pub async fn the_minted_rule_refuses_a_plain_passphrase_on_an_existing_node<S: I
     );
     assert_eq!(key_of(s, mine).await, sealed_for("p5", mine));
 
-    // The rule is the registering network's: a passphrase of an `owner` network of
-    // alice's re-registers (and moves) a node of her `minted` one (schemas/ijam.md).
+    // The node's own network's rule holds too: a passphrase of alice's `owner` network
+    // does not take over (and move out) a node of her `minted` one, and stays unused.
+    let before = everything(s).await;
     assert_eq!(
         s.register(op_requesting("loose", "q", id(17), mine))
             .await
             .unwrap(),
-        RegisterOutcome::Reregistered { node_id: mine }
+        RegisterOutcome::InvalidPassphrase
     );
-    assert_eq!(s.node(mine).await.unwrap().unwrap().network, "loose");
+    assert_eq!(everything(s).await, before);
+    assert_eq!(s.node(mine).await.unwrap().unwrap().network, "strict");
+    // A node of the `owner` network still takes it (the original rule).
+    assert_eq!(
+        s.register(op_requesting("loose", "q", id(18), in_loose))
+            .await
+            .unwrap(),
+        RegisterOutcome::Reregistered { node_id: in_loose }
+    );
 }

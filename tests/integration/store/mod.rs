@@ -210,6 +210,7 @@ mod redis {
         let _: () = conn
             .hdel("rg:{own:alice}:net:net", "reregistration")
             .unwrap();
+        let _: () = conn.del("rg:{own:alice}:minted").unwrap();
         let _: () = conn.del("rg:{own:alice}:net:net:pp").unwrap();
         let _: () = conn.del("rg:{own:alice}:net:net:ppnames").unwrap();
         let hash = hex::encode(hash("old").0);

@@ -5,6 +5,7 @@
 -- KEYS[1] rg:{own:<o>}:net:<id>   KEYS[2] …:net:<id>:pp   KEYS[3] …:net:<id>:ppnames
 -- KEYS[4] rg:{own:<o>}:nodes      KEYS[5] …:net:<id>:replay:<replay key hex>
 -- KEYS[6] rg:{own:<o>}:node:<fresh id>   KEYS[7] rg:{own:<o>}:node:<requested id> (absent when none)
+-- KEYS[8] rg:{own:<o>}:minted (with KEYS[7]): the owner's networks under 'minted'
 -- ARGV[1] network id   ARGV[2] passphrase hash hex   ARGV[3] now_ms   ARGV[4] replay_ttl_ms
 -- ARGV[5] fresh id     ARGV[6] requested id or ''
 -- ARGV[7] the node key sealed for the fresh id (hex)
@@ -18,15 +19,16 @@
 -- the id in the node index and runs the script again. Nothing was written.
 -- 'invalid': no such passphrase, expired, minted for another use (a passphrase minted
 -- for a node re-registers that node only: named, in this network, not revoked), or a
--- re-registration the network's rule refuses ('minted': an existing node of the owner
--- takes a passphrase minted for it). Nothing was written.
+-- re-registration a rule refuses ('minted', of this network or of the network the node
+-- is in: an existing node of the owner takes a passphrase minted for it). Nothing was
+-- written.
 -- Error: 'RGCORRUPT ...' when a stored record cannot be read, the fresh id is taken, or
 -- no key was sealed for the id picked.
 --
 -- Every check runs before the first write (a Lua error does not roll back earlier
 -- writes).
 local net_key, pp_key, ppnames_key, nodes_key, replay_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local fresh_key, requested_key = KEYS[6], KEYS[7]
+local fresh_key, requested_key, minted_key = KEYS[6], KEYS[7], KEYS[8]
 local network, pp_hash, now, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local fresh_id, requested_id, fresh_sealed, requested_sealed = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local node_type, arch, owner, indexed = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
@@ -57,8 +59,10 @@ if expires ~= '' and tonumber(expires) <= tonumber(now) then
 end
 
 -- 3. Who may re-register: a passphrase minted for a node only that node, named, in
--- this network and not revoked; under the network's rule 'minted' (a record from
--- before the rules has none: 'owner'), no other passphrase an existing node.
+-- this network and not revoked; when this network or the node's own network is under
+-- the rule 'minted' (a record from before the rules has none: 'owner'), no other
+-- passphrase an existing node (else a spare passphrase of another network of the
+-- owner would take it over, and move it out).
 local rule = redis.call('HGET', net_key, 'reregistration') or 'owner'
 if rule ~= 'owner' and rule ~= 'minted' then
   return redis.error_reply('RGCORRUPT re-registration rule of ' .. net_key)
@@ -73,7 +77,8 @@ if minted_for then
   if minted_for ~= requested_id or not reregisterable or rec[2] ~= network then
     return {'invalid'}
   end
-elseif rule == 'minted' and reregisterable then
+elseif reregisterable and (rule == 'minted'
+    or (minted_key and redis.call('SISMEMBER', minted_key, rec[2] or '') == 1)) then
   return {'invalid'}
 end
 
