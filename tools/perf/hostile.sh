@@ -7,13 +7,16 @@
 # Reports the legitimate registrations' success rate and p99, the listener's RSS before,
 # during and after, and what it logged meanwhile.
 #
-#   tools/perf/hostile.sh [SECONDS]
+#   [BIN=dir] [NODE_BIN=dir] tools/perf/hostile.sh [SECONDS]
 #
+# BIN is where the registrar under test is, NODE_BIN where registrar-node is (default:
+# BIN): to measure an older listener with today's tools.
 # Needs `ulimit -n` of at least 20,000 (10,000 connections each side).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds=${1:-15}
 . tools/perf/common.sh
+node_bin=${NODE_BIN:-$bin}
 ulimit -n 65536 2>/dev/null || true
 
 "$bin/registrar" --data-dir "$work/data" --store sqlite serve --bind 127.0.0.1 \
@@ -33,12 +36,12 @@ rss() { awk '/VmRSS/ {print int($2 / 1024)}' "/proc/$listener/status"; }
 log_bytes() { stat -c %s "$work/listener.err"; }
 
 legit() {
-    REGISTRAR_LOG=warn "$bin/registrar-node" --json load ijam --server 127.0.0.1 \
+    REGISTRAR_LOG=warn "$node_bin/registrar-node" --json load ijam --server 127.0.0.1 \
         --cert-port "$cert" --reg-port "$reg" --data-dir "$work/data" --store sqlite \
         --connections 4 --rate 20 --duration "${seconds}s" --timeout 5s
 }
 
-hostile() { "$bin/registrar-node" --json hostile "$@"; }
+hostile() { "$node_bin/registrar-node" --json hostile "$@"; }
 
 echo "| attack | legitimate registrations ok | p99 (ms) | RSS before → during → after (MB) | log bytes beyond the legitimate load's | what the attack got |"
 echo "|---|---|---|---|---|---|"
