@@ -829,3 +829,71 @@ fn one_connection_table_covers_every_port() {
     assert_eq!(sample(&text, "registrar_open_connections"), 2.0);
     drop(envelope);
 }
+
+/// An idle connection holds no frame buffer and no room for a request's work: 500 idle
+/// connections on the envelope port cost the listener well under 10 KB each (about
+/// 3.5 KB; they cost 19 KB while every connection kept 16 KiB of buffers).
+#[test]
+fn idle_connections_hold_no_buffers() {
+    let (l, metrics) = start(&[]);
+    // Warm up: a served connection and a first idle one (the runtime's own growth).
+    let mut warm = connect(l.ports.envelope_tcp);
+    warm.write_all(&registrar::client::pubkey::hello_frame(1))
+        .unwrap();
+    envelope_client::read_frame(&mut warm).unwrap();
+    let before = crate::support::listener::rss_kib(l.pid());
+    let idle: Vec<TcpStream> = (0..500).map(|_| connect(l.ports.envelope_tcp)).collect();
+    // Every one accepted and in the table before measuring.
+    let deadline = Instant::now() + TIMEOUT;
+    while sample(&scrape(metrics), "registrar_open_connections") < 501.0 {
+        assert!(Instant::now() < deadline, "not all 500 were accepted");
+        std::thread::yield_now();
+    }
+    let grown = crate::support::listener::rss_kib(l.pid()).saturating_sub(before);
+    assert!(grown < 5_000, "500 idle connections cost {grown} KiB");
+    drop(idle);
+}
+
+/// When the buffered bytes of all connections reach --max-buffered, readers wait and
+/// then the connection holding the most is closed; the others go on.
+#[test]
+fn a_spent_buffer_budget_closes_the_largest_holder() {
+    let (l, metrics) = start(&["--max-buffered", "256KiB", "--max-frame", "1048576"]);
+    let header = |len: u32| {
+        let mut frame = registrar::wire::envelope::to_vec(
+            &registrar::wire::envelope::Header::request(
+                registrar::wire::envelope::Flow::PUBKEY,
+                registrar::wire::envelope::Kind(1),
+                7,
+            ),
+            &vec![0u8; len as usize],
+        );
+        frame.truncate(registrar::wire::envelope::HEADER_LEN);
+        frame
+    };
+    // The hoarder: a frame declaring 1 MiB, of which it sends 200 KiB.
+    let mut hoarder = connect(l.ports.envelope_tcp);
+    hoarder.write_all(&header(1 << 20)).unwrap();
+    hoarder.write_all(&vec![0u8; 200 << 10]).unwrap();
+    // A second sends 100 KiB of another large frame: together over the budget.
+    let mut second = connect(l.ports.envelope_tcp);
+    second.write_all(&header(1 << 20)).unwrap();
+    let _ = second.write_all(&vec![0u8; 100 << 10]);
+    assert!(closed(&mut hoarder), "the largest holder is closed");
+    let text = scrape(metrics);
+    assert_eq!(
+        sample(
+            &text,
+            "registrar_connections_closed_total{port=\"envelope\",reason=\"buffer_budget\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    // The port still serves.
+    let reply = envelope_client::tcp_exchange(
+        l.ports.envelope_tcp,
+        &registrar::client::pubkey::hello_frame(2),
+    );
+    assert_eq!(reply.status(), Status::OK);
+    drop(second);
+}

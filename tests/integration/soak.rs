@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::support::ijam_client::*;
+use crate::support::listener::rss_kib;
 use crate::support::listener::{Backend, Key, Listener};
 use registrar::wire::envelope::{self, Flow, Header, Kind};
 use registrar::wire::ijam::{self, StateCode};
@@ -57,15 +58,6 @@ impl Garbage {
         }
         out
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 #[test]

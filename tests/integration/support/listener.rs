@@ -370,3 +370,13 @@ pub fn admin(data_dir: &Path, store: &str, args: &[&str]) -> Output {
         .output()
         .expect("run registrar")
 }
+
+/// The resident set of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
