@@ -10,6 +10,7 @@ use clap::Args;
 use clap::builder::TypedValueParser;
 use registrar::core::clock::now_ms;
 use registrar::core::crypto::ecdsa::SigningKey;
+use registrar::core::crypto::seal::SealKey;
 use registrar::core::crypto::{KeyRing, StorageKey};
 use registrar::core::datadir::{DataDir, KeyOrigin};
 use registrar::core::random;
@@ -157,6 +158,7 @@ struct Prepared {
     keys: KeyRing,
     storage: StorageKey,
     signing: SigningKey,
+    seal: SealKey,
     /// What this start made, for the first-start guide (empty: all was there).
     made: Vec<String>,
 }
@@ -183,6 +185,11 @@ fn prepare(common: &Common, rsa_bits: usize) -> Result<Prepared> {
         info!(path = %data.signing_key_path().display(), "generated a new ECDSA P-256 signing key");
         made.push(format!("signing key {}", data.signing_key_path().display()));
     }
+    let (seal, origin) = data.seal_key()?;
+    if origin == KeyOrigin::Generated {
+        info!(path = %data.seal_key_path().display(), "generated a new X25519 key for sealed payloads");
+        made.push(format!("sealing key {}", data.seal_key_path().display()));
+    }
     if common.store == "sqlite" && !data.sqlite_path().exists() {
         made.push(format!("SQLite store {}", data.sqlite_path().display()));
     }
@@ -191,6 +198,7 @@ fn prepare(common: &Common, rsa_bits: usize) -> Result<Prepared> {
         keys,
         storage,
         signing,
+        seal,
         made,
     })
 }
@@ -301,6 +309,7 @@ async fn listen<S: Stores>(
         keys,
         storage,
         signing,
+        seal,
         ..
     } = prepared;
     let Sockets {
@@ -379,9 +388,11 @@ async fn listen<S: Stores>(
             udp_ports,
         ));
     }
-    let flows = EnvelopeFlows::new(store, data.storage_key()?, &signing, args.max_frame);
+    let flows = EnvelopeFlows::new(store, data.storage_key()?, &signing, &seal, args.max_frame)
+        .context("cannot sign the Keys reply")?;
     let envelope = EnvelopeServer::new(
         flows,
+        Arc::new(seal),
         pool.clone(),
         config.clone(),
         args.max_frame,

@@ -17,6 +17,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::core::crypto::ecdsa::SigningKey;
+use crate::core::crypto::seal::SealKey;
 use crate::core::crypto::{CryptoError, KeyRing, RsaKey, StorageKey};
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub enum DataDirError {
     Key { path: PathBuf, source: CryptoError },
     #[error("{path}: expected 64 hex characters")]
     StorageKeyFormat { path: PathBuf },
+    #[error("{path}: expected an X25519 private key as 64 hex characters")]
+    SealKeyFormat { path: PathBuf },
     #[error("{path}: expected a time in milliseconds since the epoch")]
     UntilFormat { path: PathBuf },
     #[error("no RSA key to rotate at {0}: start `registrar serve` once first")]
@@ -264,6 +267,43 @@ impl DataDir {
                         if source.kind() == io::ErrorKind::AlreadyExists =>
                     {
                         self.signing_key()
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(io_error(&path, e)),
+        }
+    }
+
+    pub fn seal_key_path(&self) -> PathBuf {
+        self.root.join("seal_key")
+    }
+
+    /// Loads the server's HPKE key (sealed payloads, published by the core `Keys`), or
+    /// makes one if there is none yet: 32 random bytes, the private key, in hex.
+    pub fn seal_key(&self) -> Result<(SealKey, KeyOrigin), DataDirError> {
+        let path = self.seal_key_path();
+        let format = || DataDirError::SealKeyFormat { path: path.clone() };
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                let bytes = hex::decode(text.trim()).map_err(|_| format())?;
+                let key = SealKey::from_private_bytes(&bytes).map_err(|_| format())?;
+                Ok((key, KeyOrigin::Loaded))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let ikm: [u8; 32] = random::bytes().map_err(|e| DataDirError::Key {
+                    path: path.clone(),
+                    source: e.into(),
+                })?;
+                let key = SealKey::derive(&ikm);
+                let text = format!("{}\n", hex::encode(key.private_bytes()));
+                match write_secret(&path, text.as_bytes()) {
+                    Ok(()) => Ok((key, KeyOrigin::Generated)),
+                    // Another listener on this data dir made it first: use theirs.
+                    Err(DataDirError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::AlreadyExists =>
+                    {
+                        self.seal_key()
                     }
                     Err(e) => Err(e),
                 }

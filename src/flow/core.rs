@@ -1,37 +1,56 @@
 //! Flow 0 (core): `Hello` tells a device what this server speaks and which key it
-//! signs with. No store, no clock; the reply is built once at start-up.
+//! signs with; `Keys` gives its HPKE key for sealed payloads, signed by that key. No
+//! store, no clock; the replies are built once at start-up.
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
 
 use super::{Classified, Context, EnvelopeFlow, Failure, Offload, Reply};
+use crate::core::crypto::CryptoError;
+use crate::core::crypto::ecdsa::SigningKey;
+use crate::core::crypto::seal;
 use crate::wire::DecodeError;
-use crate::wire::core::{HELLO, HelloReply};
+use crate::wire::core::{HELLO, HelloReply, KEYS, KeysReply};
 use crate::wire::envelope::{Flow, Kind, Status};
 
 /// A core request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CoreRequest {
     Hello,
+    Keys,
 }
 
 pub struct CoreFlow {
     hello: Bytes,
+    keys: Bytes,
 }
 
 impl CoreFlow {
-    /// `flows`: what this listener serves (core included); `signing_key`: SPKI DER.
-    pub fn new(flows: &[Flow], max_payload: u32, signing_key: &[u8]) -> CoreFlow {
-        let reply = HelloReply {
+    /// `flows`: what this listener serves (core included); `signing`: the server's
+    /// signing key; `seal_public`: its HPKE public key.
+    pub fn new(
+        flows: &[Flow],
+        max_payload: u32,
+        signing: &SigningKey,
+        seal_public: &[u8; seal::KEY_LEN],
+    ) -> Result<CoreFlow, CryptoError> {
+        let hello = HelloReply {
             server_version: env!("CARGO_PKG_VERSION").to_owned(),
             flows: flows.to_vec(),
             max_payload,
-            signing_key: signing_key.to_vec(),
+            signing_key: signing.public_key_der().to_vec(),
         };
-        CoreFlow {
-            hello: Bytes::from(reply.to_bytes()),
-        }
+        let keys = KeysReply {
+            signing_key: signing.public_key_der().to_vec(),
+            kem_id: seal::KEM_ID,
+            hpke_public_key: seal_public.to_vec(),
+            signature: signing.sign(&KeysReply::signed_message(seal::KEM_ID, seal_public))?,
+        };
+        Ok(CoreFlow {
+            hello: Bytes::from(hello.to_bytes()),
+            keys: Bytes::from(keys.to_bytes()),
+        })
     }
 }
 
@@ -44,8 +63,11 @@ impl EnvelopeFlow for CoreFlow {
     fn parse(&self, kind: Kind, payload: &[u8]) -> Result<CoreRequest, DecodeError> {
         match kind {
             // Zero bytes pad a request over UDP up to a third of its reply's size.
-            HELLO if payload.iter().all(|&b| b == 0) => Ok(CoreRequest::Hello),
-            HELLO => Err(DecodeError::Invalid { field: "padding" }),
+            HELLO | KEYS if payload.iter().any(|&b| b != 0) => {
+                Err(DecodeError::Invalid { field: "padding" })
+            }
+            HELLO => Ok(CoreRequest::Hello),
+            KEYS => Ok(CoreRequest::Keys),
             other => Err(DecodeError::Unknown {
                 field: "kind",
                 value: other.0.into(),
@@ -53,7 +75,7 @@ impl EnvelopeFlow for CoreFlow {
         }
     }
 
-    /// A Hello is answered from memory.
+    /// A Hello and Keys are answered from memory.
     fn rate_limited(&self, _kind: Kind) -> bool {
         false
     }
@@ -72,6 +94,11 @@ impl EnvelopeFlow for CoreFlow {
                 status: Status::OK,
                 payload: self.hello.clone(),
                 outcome: "hello",
+            }),
+            CoreRequest::Keys => Ok(Reply {
+                status: Status::OK,
+                payload: self.keys.clone(),
+                outcome: "keys",
             }),
         }
     }
@@ -99,7 +126,8 @@ mod tests {
 
     #[tokio::test]
     async fn hello_answers_version_flows_limit_and_key() {
-        let core = CoreFlow::new(&[Flow::CORE, Flow::PUBKEY], 4096, &[1, 2, 3]);
+        let signing = SigningKey::generate().unwrap();
+        let core = CoreFlow::new(&[Flow::CORE, Flow::PUBKEY], 4096, &signing, &[7; 32]).unwrap();
         let request = core.parse(HELLO, &[]).unwrap();
         let ctx = Context {
             now_ms: 0,
@@ -112,8 +140,8 @@ mod tests {
         assert_eq!(hello.server_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(hello.flows, [Flow::CORE, Flow::PUBKEY]);
         assert_eq!(
-            (hello.max_payload, hello.signing_key),
-            (4096, vec![1, 2, 3])
+            (hello.max_payload, hello.signing_key.as_slice()),
+            (4096, signing.public_key_der())
         );
         assert_eq!(
             core.parse(HELLO, &[0; 64]),
@@ -121,6 +149,23 @@ mod tests {
             "padding"
         );
         assert!(core.parse(HELLO, &[0, 1]).is_err());
-        assert!(core.parse(Kind(2), &[]).is_err());
+        assert!(core.parse(Kind(3), &[]).is_err());
+        // Keys: the HPKE key, signed by the signing key.
+        let request = core.parse(KEYS, &[0; 16]).unwrap();
+        let ctx = Context {
+            now_ms: 0,
+            random: [0; 32],
+            offload: &Inline,
+        };
+        let reply = core.handle(request, ctx).await.unwrap();
+        let keys = KeysReply::parse(&reply.payload).unwrap();
+        assert_eq!(keys.kem_id, 0x0020);
+        assert_eq!(keys.hpke_public_key, [7; 32]);
+        crate::core::crypto::ecdsa::verify(
+            signing.public_key_der(),
+            &KeysReply::signed_message(0x0020, &[7; 32]),
+            &keys.signature,
+        )
+        .expect("signed by the signing key");
     }
 }

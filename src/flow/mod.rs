@@ -110,6 +110,14 @@ pub trait EnvelopeFlow: Send + Sync + 'static {
     /// work worth limiting (a signature check, a store call).
     fn rate_limited(&self, kind: Kind) -> bool;
 
+    /// Whether requests of `kind` must be sealed (flags bit 0, schemas/envelope.md
+    /// "Sealed payloads"): the server opens them before [`EnvelopeFlow::parse`] and
+    /// seals a 2xx reply with a payload; an unsealed one, or a sealed request of a kind
+    /// that is not, gets 400.
+    fn sealed(&self, _kind: Kind) -> bool {
+        false
+    }
+
     /// What the request names, for the log line (a device id); never a secret.
     fn subject(request: &Self::Request) -> Option<String>;
 

@@ -40,12 +40,13 @@ use super::listen::{
 use super::pool::CryptoPool;
 use super::{Arrival, Ending, Fault, ServerConfig, Transport, finish, metrics, rejected};
 use crate::codec::{EnvelopeCodec, EnvelopeCodecError, EnvelopeFrame};
-use crate::core::crypto::StorageKey;
 use crate::core::crypto::ecdsa::SigningKey;
+use crate::core::crypto::seal::{self, ReplySealer, SealKey};
+use crate::core::crypto::{CryptoError, StorageKey};
 use crate::core::{clock, random};
 use crate::flow::core::CoreFlow;
 use crate::flow::pubkey::PubkeyFlow;
-use crate::flow::{Context, EnvelopeFlow, Failure, Refusal};
+use crate::flow::{Context, EnvelopeFlow, Failure, Offload, Refusal};
 use crate::store::Stores;
 use crate::wire::DecodeError;
 use crate::wire::envelope::{BadFrame, Echo, Flags, Flow, Header, Status};
@@ -110,11 +111,17 @@ envelope_flows! {
 
 impl<S: Stores> EnvelopeFlows<S> {
     /// Every flow, over `store`, with the server's keys.
-    pub fn new(store: Arc<S>, storage: StorageKey, signing: &SigningKey, max_payload: u32) -> Self {
-        EnvelopeFlows {
-            core: CoreFlow::new(&Self::served(), max_payload, signing.public_key_der()),
+    pub fn new(
+        store: Arc<S>,
+        storage: StorageKey,
+        signing: &SigningKey,
+        seal: &SealKey,
+        max_payload: u32,
+    ) -> Result<Self, CryptoError> {
+        Ok(EnvelopeFlows {
+            core: CoreFlow::new(&Self::served(), max_payload, signing, &seal.public_key())?,
             pubkey: PubkeyFlow::new(storage, store),
-        }
+        })
     }
 }
 
@@ -143,6 +150,8 @@ impl EnvelopeSockets {
 
 pub struct EnvelopeServer<S> {
     flows: EnvelopeFlows<S>,
+    /// Opens sealed requests.
+    seal_key: Arc<SealKey>,
     pool: CryptoPool,
     config: ServerConfig,
     max_payload: u32,
@@ -154,6 +163,7 @@ pub struct EnvelopeServer<S> {
 impl<S: Stores> EnvelopeServer<S> {
     pub fn new(
         flows: EnvelopeFlows<S>,
+        seal_key: Arc<SealKey>,
         pool: CryptoPool,
         config: ServerConfig,
         max_payload: u32,
@@ -161,6 +171,7 @@ impl<S: Stores> EnvelopeServer<S> {
     ) -> Arc<Self> {
         Arc::new(EnvelopeServer {
             flows,
+            seal_key,
             pool,
             admission: Admission::new(config.rate_per_source, config.burst),
             config,
@@ -433,21 +444,25 @@ impl<S: Stores> EnvelopeServer<S> {
             peer,
             quiet: !flow.rate_limited(h.kind),
         };
-        let request = match flow.parse(h.kind, &frame.payload) {
-            Ok(request) => request,
-            Err(e) => {
-                let ending = Ending::Failed {
-                    outcome: "malformed",
-                    error: &e,
-                    fault: Fault::Peer,
-                };
-                finish(at, None, started.elapsed(), ending);
-                return Some(reply(&h, Status::BAD_REQUEST, Bytes::new()));
-            }
+        let malformed = |e: &dyn std::fmt::Display| {
+            let ending = Ending::Failed {
+                outcome: "malformed",
+                error: e,
+                fault: Fault::Peer,
+            };
+            finish(at, None, started.elapsed(), ending);
+            Some(reply(&h, Status::BAD_REQUEST, Bytes::new()))
         };
-        let subject = F::subject(&request);
-        let subject = subject.as_deref();
-        let refused = |refusal: Refusal| {
+        let sealed = flow.sealed(h.kind);
+        if sealed != (h.flags == Flags::SEALED) {
+            let why = if sealed {
+                "this kind is sealed; the request was not"
+            } else {
+                "a sealed request of a kind that is not sealed"
+            };
+            return malformed(&why);
+        }
+        let refused = |refusal: Refusal, subject: Option<&str>| {
             finish(at, subject, started.elapsed(), Ending::Refused(refusal));
             match refusal {
                 Refusal::Overloaded if transport == Transport::Udp => None,
@@ -455,11 +470,47 @@ impl<S: Stores> EnvelopeServer<S> {
                 Refusal::RateLimited => Some(reply(&h, Status::TOO_MANY_REQUESTS, Bytes::new())),
             }
         };
-        if flow.rate_limited(h.kind)
-            && let Err(refusal) = self.admission.admit(peer.ip(), transport, started)
-        {
-            return refused(refusal);
-        }
+        let admit = || match flow.rate_limited(h.kind) {
+            true => self.admission.admit(peer.ip(), transport, started),
+            false => Ok(()),
+        };
+        // A sealed request spends its budget before it is opened: opening costs an
+        // X25519 operation, on the crypto pool.
+        let (request, sealer) = if sealed {
+            if let Err(refusal) = admit() {
+                return refused(refusal, None);
+            }
+            let (key, header) = (
+                Arc::clone(&self.seal_key),
+                h.to_bytes(frame.payload.len() as u32),
+            );
+            let payload = frame.payload.clone();
+            let opened = self
+                .pool
+                .run(move || key.open(header[3], header[4], &header, &payload))
+                .await;
+            let (plaintext, sealer) = match opened {
+                Err(refusal) => return refused(refusal, None),
+                Ok(Err(e)) => return malformed(&e),
+                Ok(Ok(opened)) => opened,
+            };
+            match flow.parse(h.kind, &plaintext) {
+                Ok(request) => (request, Some(sealer)),
+                Err(e) => return malformed(&e),
+            }
+        } else {
+            let request = match flow.parse(h.kind, &frame.payload) {
+                Ok(request) => request,
+                Err(e) => return malformed(&e),
+            };
+            if let Err(refusal) = admit() {
+                let subject = F::subject(&request);
+                return refused(refusal, subject.as_deref());
+            }
+            (request, None)
+        };
+        let subject = F::subject(&request);
+        let subject = subject.as_deref();
         let random = match random::bytes() {
             Ok(random) => random,
             Err(e) => {
@@ -483,7 +534,12 @@ impl<S: Stores> EnvelopeServer<S> {
                     outcome: done.outcome,
                 };
                 finish(at, subject, started.elapsed(), ending);
-                Some(reply(&h, done.status, done.payload))
+                Some(match sealer {
+                    Some(sealer) if done.status.is_success() && !done.payload.is_empty() => {
+                        sealed_reply(&h, done.status, &sealer, &done.payload)
+                    }
+                    _ => reply(&h, done.status, done.payload),
+                })
             }
             Err(Failure::Flow(e)) => {
                 let class = F::classify(&e);
@@ -503,7 +559,7 @@ impl<S: Stores> EnvelopeServer<S> {
                 }
                 Some(reply(&h, class.status, Bytes::new()))
             }
-            Err(Failure::Refused(refusal)) => refused(refusal),
+            Err(Failure::Refused(refusal)) => refused(refusal, subject),
         }
     }
 }
@@ -574,12 +630,27 @@ fn payload_too_large(reply: &[u8]) -> Option<Vec<u8>> {
     Some(EnvelopeFrame::new(echo.reply(Status::PAYLOAD_TOO_LARGE), Bytes::new()).to_vec())
 }
 
+/// A 2xx reply to a sealed request: sealed under the keys exported from the request's
+/// context, its own header (sealed flag, sealed length) the associated data.
+fn sealed_reply(
+    request: &Header,
+    status: Status,
+    sealer: &ReplySealer,
+    plaintext: &[u8],
+) -> EnvelopeFrame {
+    let mut header = request.reply(status);
+    header.flags = Flags::SEALED;
+    let len = seal::sealed_reply_len(plaintext.len()) as u32;
+    let payload = sealer.seal(&header.to_bytes(len), plaintext);
+    EnvelopeFrame::new(header, payload)
+}
+
 fn reply(request: &Header, status: Status, payload: Bytes) -> EnvelopeFrame {
     EnvelopeFrame::new(request.reply(status), payload)
 }
 
-/// A request has bit 7 of its kind clear, status 0 and no flags (sealed payloads are
-/// not served yet).
+/// A request has bit 7 of its kind clear, status 0, and no flag but the sealed one
+/// (which kinds must be sealed is the flow's to say).
 fn request_header(h: &Header) -> Result<(), DecodeError> {
     if h.kind.is_reply() {
         return Err(DecodeError::Invalid { field: "kind" });
@@ -590,7 +661,7 @@ fn request_header(h: &Header) -> Result<(), DecodeError> {
             value: h.status.0.into(),
         });
     }
-    if h.flags != Flags::NONE {
+    if h.flags != Flags::NONE && h.flags != Flags::SEALED {
         return Err(DecodeError::Unknown {
             field: "flags",
             value: h.flags.0.into(),

@@ -2,7 +2,11 @@
 //! `schemas/envelope.json` (`hello_reply`), semantics: `schemas/envelope.md`.
 //!
 //! ```text
-//! Hello request   (kind 1)     empty payload
+//! Hello request   (kind 1)     empty, or zero padding
+//! Keys request    (kind 2)     empty, or zero padding
+//! Keys reply 200  (kind 0x82)  u16 len ‖ signing key SPKI DER ‖ u16 kem_id (0x0020)
+//!                              ‖ u16 len ‖ HPKE public key ‖ u16 len ‖ DER ECDSA-SHA256
+//!                              over "registrar/core/keys/v1" ‖ kem_id ‖ HPKE public key
 //! Hello reply 200 (kind 0x81)  u16 len ‖ server version (UTF-8)
 //!                              ‖ u16 len ‖ flows served (one byte each)
 //!                              ‖ u32 max payload length
@@ -13,6 +17,64 @@ use super::DecodeError;
 use super::envelope::{Flow, Kind, put_prefixed, take_prefixed};
 
 pub const HELLO: Kind = Kind(1);
+pub const KEYS: Kind = Kind(2);
+
+/// What the signing key signs in a `Keys` reply: the HPKE key and its KEM.
+pub const KEYS_SIGNED_PREFIX: &[u8] = b"registrar/core/keys/v1";
+
+/// `Keys` 200: the server's signing key, and its HPKE key signed by it (so a device that
+/// trusts the signing key trusts the sealing key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysReply {
+    /// SubjectPublicKeyInfo DER of the ECDSA P-256 signing key.
+    pub signing_key: Vec<u8>,
+    pub kem_id: u16,
+    pub hpke_public_key: Vec<u8>,
+    /// DER ECDSA-SHA256 by the signing key over [`KeysReply::signed_message`].
+    pub signature: Vec<u8>,
+}
+
+impl KeysReply {
+    pub fn signed_message(kem_id: u16, hpke_public_key: &[u8]) -> Vec<u8> {
+        let mut m = KEYS_SIGNED_PREFIX.to_vec();
+        m.extend_from_slice(&kem_id.to_be_bytes());
+        m.extend_from_slice(hpke_public_key);
+        m
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            8 + self.signing_key.len() + self.hpke_public_key.len() + self.signature.len(),
+        );
+        put_prefixed(&mut out, &self.signing_key);
+        out.extend_from_slice(&self.kem_id.to_be_bytes());
+        put_prefixed(&mut out, &self.hpke_public_key);
+        put_prefixed(&mut out, &self.signature);
+        out
+    }
+
+    pub fn parse(payload: &[u8]) -> Result<KeysReply, DecodeError> {
+        let (signing_key, rest) = take_prefixed("signing_key", payload)?;
+        let (kem, rest) = rest.split_first_chunk::<2>().ok_or(DecodeError::Length {
+            expected: 2,
+            got: rest.len(),
+        })?;
+        let (hpke_public_key, rest) = take_prefixed("hpke_public_key", rest)?;
+        let (signature, rest) = take_prefixed("signature", rest)?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Length {
+                expected: payload.len() - rest.len(),
+                got: payload.len(),
+            });
+        }
+        Ok(KeysReply {
+            signing_key: signing_key.to_vec(),
+            kem_id: u16::from_be_bytes(*kem),
+            hpke_public_key: hpke_public_key.to_vec(),
+            signature: signature.to_vec(),
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HelloReply {
@@ -119,5 +181,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn keys_replies_refuse_truncated_and_trailing_bytes() {
+        let keys = KeysReply {
+            signing_key: vec![1; 91],
+            kem_id: 0x0020,
+            hpke_public_key: vec![2; 32],
+            signature: vec![3; 70],
+        };
+        let bytes = keys.to_bytes();
+        assert_eq!(bytes.len(), 2 + 91 + 2 + 2 + 32 + 2 + 70);
+        assert_eq!(&bytes[93..95], &[0x00, 0x20]);
+        assert_eq!(KeysReply::parse(&bytes), Ok(keys));
+        for len in 0..bytes.len() {
+            assert!(KeysReply::parse(&bytes[..len]).is_err(), "{len}");
+        }
+        let mut long = bytes;
+        long.push(0);
+        assert!(KeysReply::parse(&long).is_err());
+        assert_eq!(
+            KeysReply::signed_message(0x0020, &[9; 2]),
+            b"registrar/core/keys/v1\x00\x20\x09\x09"
+        );
     }
 }

@@ -185,6 +185,14 @@ impl Header {
         }
     }
 
+    /// The 16 bytes of this header on the wire with a payload of `payload_len` (what a
+    /// sealed payload takes as its associated data).
+    pub fn to_bytes(&self, payload_len: u32) -> [u8; HEADER_LEN] {
+        let mut out = [0u8; HEADER_LEN];
+        out.copy_from_slice(self.raw(payload_len).as_bytes());
+        out
+    }
+
     fn raw(&self, payload_len: u32) -> RawHeader {
         RawHeader {
             magic: MAGIC,

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 
-use super::core::HelloReply;
+use super::core::{HelloReply, KeysReply};
 use super::envelope::{self, DEFAULT_MAX_PAYLOAD, Flags, Flow, Header, Kind, Status};
 use super::pubkey::{
     self, AttestRequest, ChallengeRequest, DeviceId, MAX_SIGNATURE_LEN, Nonce, P256_SPKI_LEN,
@@ -104,6 +104,9 @@ proptest! {
         if let Ok(hello) = HelloReply::parse(&bytes) {
             prop_assert_eq!(hello.to_bytes(), bytes.clone());
         }
+        if let Ok(keys) = KeysReply::parse(&bytes) {
+            prop_assert_eq!(keys.to_bytes(), bytes.clone());
+        }
         let _ = pubkey::parse_challenge_reply(&bytes);
         let _ = pubkey::parse_attest_reply(&bytes);
     }
@@ -159,6 +162,17 @@ proptest! {
             signing_key,
         };
         prop_assert_eq!(HelloReply::parse(&hello.to_bytes()), Ok(hello));
+    }
+
+    #[test]
+    fn keys_replies_round_trip(
+        signing_key in prop::collection::vec(any::<u8>(), 1..120),
+        kem_id in any::<u16>(),
+        hpke_public_key in prop::collection::vec(any::<u8>(), 1..64),
+        signature in prop::collection::vec(any::<u8>(), 1..80),
+    ) {
+        let keys = KeysReply { signing_key, kem_id, hpke_public_key, signature };
+        prop_assert_eq!(KeysReply::parse(&keys.to_bytes()), Ok(keys));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use registrar::client::pubkey::{self, DeviceKey};
 use registrar::core::crypto::ecdsa::SigningKey;
 use registrar::core::datadir::DataDir;
 use registrar::flow::pubkey::{NONCE_VALIDITY_MS, issue_nonce};
-use registrar::wire::core::{HELLO, HelloReply};
+use registrar::wire::core::{HELLO, HelloReply, KEYS, KeysReply};
 use registrar::wire::envelope::{self, Flags, Flow, Header, Kind, Status};
 use registrar::wire::pubkey::{
     ATTEST, CHALLENGE, DeviceId, Nonce, P256Spki, REGISTER, RegisterRequest, parse_attest_reply,
@@ -39,6 +39,7 @@ macro_rules! envelope_battery {
 
 envelope_battery!(
     hello_over_tcp_and_udp,
+    keys_over_tcp_and_udp,
     register_rows,
     challenge_and_attest_rows,
     a_revoked_device_is_refused_everywhere,
@@ -125,6 +126,62 @@ fn hello_over_tcp_and_udp(backend: &str) {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
+}
+
+/// Keys: the HPKE public key for sealed payloads and its KEM, signed by the signing
+/// key Hello publishes; made in the data dir on the first start (0600) and kept.
+fn keys_over_tcp_and_udp(backend: &str) {
+    let Some(l) = listener(backend, &[]) else {
+        return;
+    };
+    let hello = HelloReply::parse(
+        &client::tcp_exchange(l.ports.envelope_tcp, &pubkey::hello_frame(1)).payload,
+    )
+    .unwrap();
+    let keys_frame =
+        |padding: usize| pubkey::request_frame(Flow::CORE, KEYS, 0xabcd, &vec![0; padding]);
+    // Over UDP the ~200-byte reply needs a request of a third of that: padded.
+    let bare = exchange(Udp, &l, &keys_frame(0));
+    assert_eq!(bare.status(), Status::PAYLOAD_TOO_LARGE);
+    for (t, frame) in [(Tcp, keys_frame(0)), (Udp, keys_frame(64))] {
+        let reply = exchange(t, &l, &frame);
+        assert_eq!(
+            reply.header,
+            Header::request(Flow::CORE, KEYS, 0xabcd).reply(Status::OK),
+            "{t:?}"
+        );
+        let keys = KeysReply::parse(&reply.payload).unwrap();
+        assert_eq!(keys.signing_key, hello.signing_key);
+        assert_eq!(keys.kem_id, 0x0020);
+        let file = std::fs::read_to_string(l.data_dir.path().join("seal_key")).unwrap();
+        let key = registrar::core::crypto::seal::SealKey::from_private_bytes(
+            &hex::decode(file.trim()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(keys.hpke_public_key, key.public_key());
+        registrar::core::crypto::ecdsa::verify(
+            &hello.signing_key,
+            &KeysReply::signed_message(keys.kem_id, &keys.hpke_public_key),
+            &keys.signature,
+        )
+        .expect("signed by the signing key");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(l.data_dir.path().join("seal_key"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // A payload that is not zero padding: 400.
+    assert_eq!(
+        exchange(
+            Tcp,
+            &l,
+            &pubkey::request_frame(Flow::CORE, KEYS, 1, &[0, 1])
+        )
+        .status(),
+        Status::BAD_REQUEST
+    );
 }
 
 #[test]
@@ -614,7 +671,7 @@ fn bad_headers_get_400_on_a_connection_that_stays_open(backend: &str) {
         frame(Flow(4), Kind(1), 4, &payload),
         frame(Flow(77), Kind(1), 5, &payload),
         frame(Flow::PUBKEY, Kind(9), 6, &payload),
-        frame(Flow::CORE, Kind(2), 7, &[]),
+        frame(Flow::CORE, Kind(3), 7, &[]),
         frame(Flow::CORE, HELLO, 8, &[1]),
         pubkey::hello_frame(9),
     ];

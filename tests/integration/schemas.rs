@@ -198,6 +198,7 @@ fn envelope_header_matches_the_schema() {
         Status::NOT_FOUND,
         Status::CONFLICT,
         Status::GONE,
+        Status::PAYLOAD_TOO_LARGE,
         Status::TOO_MANY_REQUESTS,
         Status::SERVICE_UNAVAILABLE,
     ]
@@ -251,6 +252,41 @@ fn hello_reply_matches_the_schema() {
     assert_eq!((be16(&b, 7), &b[9..11]), (2, &[0u8, 1][..]));
     assert_eq!(&b[11..15], &16384u32.to_be_bytes());
     assert_eq!((be16(&b, 15), &b[17..]), (91, key.public_key_der()));
+}
+
+#[test]
+fn keys_reply_matches_the_schema() {
+    let s = schema("envelope.json");
+    let f = &s["frames"]["keys_reply"];
+    assert_eq!(f["kind"], registrar::wire::core::KEYS.reply().0);
+    assert_eq!(
+        s["frames"]["keys_request"]["kind"],
+        registrar::wire::core::KEYS.0
+    );
+    let names: Vec<&str> = f["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["signing_key", "kem_id", "hpke_public_key", "signature"]
+    );
+    assert_eq!(
+        f["fields"][1]["value"],
+        format!("{:#06x}", registrar::core::crypto::seal::KEM_ID)
+    );
+    let reply = registrar::wire::core::KeysReply {
+        signing_key: vec![1; 91],
+        kem_id: 0x0020,
+        hpke_public_key: vec![2; 32],
+        signature: vec![3; 71],
+    };
+    let b = reply.to_bytes();
+    assert_eq!((be16(&b, 0), be16(&b, 93), be16(&b, 95)), (91, 0x0020, 32));
+    assert_eq!(be16(&b, 129), 71);
+    assert_eq!(b.len(), 131 + 71);
 }
 
 #[test]

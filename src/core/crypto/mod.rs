@@ -8,6 +8,7 @@ pub mod aes_cbc;
 pub mod ecdsa;
 pub mod passphrase;
 pub mod rsa;
+pub mod seal;
 pub mod storage_key;
 
 pub use aes_cbc::{aes_cbc_decrypt, aes_cbc_encrypt};
